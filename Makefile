@@ -1,0 +1,30 @@
+# From a fresh clone: `make demo` or `make test`. Both set up .venv first; `make setup` alone
+# does nothing when pyproject.toml and the install script have not changed since the last run.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-stamp
+DEMO_OUT ?= demo-output
+
+.PHONY: setup test demo lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/install_torch.sh
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@PYTHON=$(PY) scripts/install_torch.sh
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+	@echo "setup: ready ($(VENV))"
+
+test: setup
+	$(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check src tests bench
+
+demo: setup
+	$(VENV)/bin/ernie-lora demo --output $(DEMO_OUT)
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

@@ -1,0 +1,164 @@
+"""Training configs: pydantic models loaded from YAML. Unknown keys and wrong types are errors naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import UserError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    name: str = "baidu/ERNIE-Image"  # hub id, local diffusers folder, or "tiny"
+    revision: str | None = None
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"  # the frozen base weights
+    vae_dtype: Literal["bf16", "fp16", "fp32"] = "fp32"  # used only while caching latents
+
+
+class DataConfig(_Strict):
+    path: str = "dataset"  # relative paths are relative to the config file
+    resolution: int = Field(1024, gt=0)  # bucket area is resolution²
+    max_aspect_ratio: float = Field(2.0, ge=1.0)
+    bucket_multiple: int | None = Field(None, gt=0)  # default: what the model needs (16 for ERNIE-Image)
+    crop: Literal["center", "random"] = "center"
+    caption_dropout: float = Field(0.05, ge=0.0, le=1.0)
+    cache_dir: str | None = None  # default: <dataset>/.ernie_lora_cache
+
+
+class LoraConfig(_Strict):
+    rank: int = Field(16, gt=0)
+    alpha: float = Field(16.0, gt=0)  # scale = alpha / rank, honoured as written
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    targets: Literal["attn", "attn_mlp"] | list[str] = "attn_mlp"
+    init_from: str | None = None  # start from an existing LoRA file (diffusers format)
+
+    @field_validator("targets")
+    @classmethod
+    def _non_empty(cls, v: Any) -> Any:
+        if isinstance(v, list) and not v:
+            raise ValueError("must name at least one module")
+        return v
+
+
+class TimestepConfig(_Strict):
+    sampling: Literal["uniform", "logit_normal"] = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = Field(1.0, gt=0)
+    shift: Literal["official", "none"] | float = "official"  # "official": the model scheduler's shift
+
+
+class TrainConfig(_Strict):
+    steps: int = Field(3000, gt=0)
+    batch_size: int = Field(1, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
+    gradient_checkpointing: bool = True
+    seed: int = 42
+    device: str | None = None  # default: cuda if available, else cpu
+    timesteps: TimestepConfig = TimestepConfig()
+
+
+class CheckpointConfig(_Strict):
+    every: int = Field(250, gt=0)
+    keep: int = Field(3, gt=0)
+
+
+class SampleConfig(_Strict):
+    every: int = Field(250, ge=0)  # 0: only at the end
+    prompts: list[str] = []
+    steps: int = Field(28, gt=0)
+    guidance: float = Field(4.0, ge=1.0)
+    width: int | None = None  # default: data.resolution
+    height: int | None = None
+    seed: int = 0
+
+
+class TrainRunConfig(_Strict):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    lora: LoraConfig = LoraConfig()
+    train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    sample: SampleConfig = SampleConfig()
+
+
+def _format_error(source: str, exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    got = err.get("input")
+    extra = "" if err["type"] == "extra_forbidden" or isinstance(got, dict) else f" (got {got!r})"
+    more = f" [+{len(exc.errors()) - 1} more]" if len(exc.errors()) > 1 else ""
+    return f"{source}: {key}: {msg}{extra}{more}"
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a raw config dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected key.sub=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set {key}: {part} is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainRunConfig:
+    """Load and validate a training YAML. Relative data paths are resolved against the file's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config {path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise UserError(f"config {path}{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config {path}: not UTF-8 text") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config {path}: the top level must be a mapping of sections")
+    data = apply_overrides(data, overrides or [])
+    try:
+        cfg = TrainRunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(_format_error(f"config {path}", exc)) from None
+    base = path.parent
+    if not Path(cfg.data.path).is_absolute():
+        cfg.data.path = str((base / cfg.data.path).resolve())
+    for attr in ("cache_dir",):
+        value = getattr(cfg.data, attr)
+        if value and not Path(value).is_absolute():
+            setattr(cfg.data, attr, str((base / value).resolve()))
+    if cfg.lora.init_from and not Path(cfg.lora.init_from).is_absolute():
+        cfg.lora.init_from = str((base / cfg.lora.init_from).resolve())
+    local_model = base / cfg.model.name
+    if cfg.model.name.startswith((".", "/")) or (local_model.exists() and not Path(cfg.model.name).is_absolute()):
+        cfg.model.name = str(local_model.resolve())
+    return cfg
+
+
+def dump_config(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,134 @@
+"""Disk caches of VAE latents and text embeddings, so training runs with the VAE and text encoder unloaded.
+
+Keys are content hashes: a latent is keyed by (image bytes, VAE fingerprint, bucket, crop), an
+embedding by (caption text, text-encoder fingerprint). A second run over the same data encodes
+nothing; any change to an image, a caption, the bucket or the weights makes a new entry.
+
+With ``crop: random`` the crop is drawn once per image (seeded by the image hash) when its latent
+is cached: caching and a fresh crop every epoch exclude each other.
+"""
+
+from __future__ import annotations
+
+import gc
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..io import atomic_write, sha256_text
+from ..models import encode_images, load_pipeline
+from ..models.loading import component_fingerprint
+from .buckets import Bucket, nearest_bucket, resize_and_crop
+from .dataset import Item, load_rgb
+
+
+@dataclass
+class CachedSample:
+    latent_file: Path
+    text_file: Path
+    bucket: Bucket
+    caption: str
+
+
+@dataclass
+class CachedDataset:
+    samples: list[CachedSample]
+    empty_text_file: Path  # the "" embedding: caption dropout and the CFG negative
+    prompt_files: dict[str, Path] = field(default_factory=dict)
+    encoded_latents: int = 0
+    encoded_texts: int = 0
+
+
+def latent_key(item: Item, vae_fp: str, bucket: Bucket, crop: str) -> str:
+    return sha256_text(f"latent|{item.sha256}|{vae_fp}|{bucket}|{crop}")[:32]
+
+
+def text_key(text: str, te_fp: str) -> str:
+    return sha256_text(f"text|{te_fp}|{text}")[:32]
+
+
+def image_to_tensor(image) -> torch.Tensor:
+    """PIL RGB -> [1, 3, H, W] in [-1, 1], as diffusers' VaeImageProcessor normalises."""
+    arr = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return (arr * 2.0 - 1.0).unsqueeze(0)
+
+
+def _save(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    atomic_write(path, lambda tmp: save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp))
+
+
+def _free(pipe) -> None:
+    del pipe
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def build_caches(
+    items: list[Item],
+    buckets: list[Bucket],
+    cache_dir: Path,
+    model: str,
+    *,
+    crop: str = "center",
+    prompts: list[str] | None = None,
+    vae_dtype: str = "fp32",
+    text_dtype: str = "bf16",
+    device: str | torch.device = "cpu",
+    revision: str | None = None,
+) -> CachedDataset:
+    """Encode whatever is not cached yet; return where every sample's latent and embedding lies."""
+    cache_dir = Path(cache_dir)
+    vae_fp = component_fingerprint(model, "vae", revision)
+    te_fp = component_fingerprint(model, "text_encoder", revision)
+
+    planned = []
+    for item in items:
+        bucket = nearest_bucket(item.width, item.height, buckets)
+        lat = cache_dir / "latents" / f"{latent_key(item, vae_fp, bucket, crop)}.safetensors"
+        planned.append((item, bucket, lat))
+
+    texts = sorted({item.caption for item in items} | {""} | set(prompts or []))
+    text_files = {t: cache_dir / "text" / f"{text_key(t, te_fp)}.safetensors" for t in texts}
+
+    todo = [(item, bucket, lat) for item, bucket, lat in planned if not lat.exists()]
+    if todo:
+        pipe = load_pipeline(model, dtype=vae_dtype, device=device, components=("vae",), revision=revision)
+        for item, bucket, lat in tqdm(todo, desc="caching latents", unit="img"):
+            image = resize_and_crop(load_rgb(item.image), bucket, crop, random.Random(item.sha256))
+            latent = encode_images(pipe.vae, image_to_tensor(image))[0]
+            _save(lat, {"latent": latent})
+        _free(pipe)
+
+    missing_texts = [t for t in texts if not text_files[t].exists()]
+    if missing_texts:
+        pipe = load_pipeline(
+            model, dtype=text_dtype, device=device, components=("text_encoder", "tokenizer"), revision=revision
+        )
+        for text in tqdm(missing_texts, desc="caching text embeddings", unit="caption"):
+            # exactly the pipeline's own encoding (second-to-last hidden state, BOS, truncation)
+            hidden = pipe.encode_prompt(text, device=pipe.text_encoder.device)[0]
+            _save(text_files[text], {"embedding": hidden})
+        _free(pipe)
+
+    samples = [CachedSample(lat, text_files[item.caption], bucket, item.caption) for item, bucket, lat in planned]
+    return CachedDataset(
+        samples=samples,
+        empty_text_file=text_files[""],
+        prompt_files={p: text_files[p] for p in (prompts or [])},
+        encoded_latents=len(todo),
+        encoded_texts=len(missing_texts),
+    )
+
+
+def load_latent(path: Path) -> torch.Tensor:
+    return load_file(str(path))["latent"]
+
+
+def load_embedding(path: Path) -> torch.Tensor:
+    return load_file(str(path))["embedding"]

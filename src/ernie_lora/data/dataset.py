@@ -1,0 +1,235 @@
+"""Dataset folders: images with same-stem ``.txt`` captions (kohya / ai-toolkit convention) and/or a
+``metadata.jsonl`` with ``file_name`` and ``text`` (diffusers imagefolder convention).
+
+``check_dataset`` reads every file once and reports every problem per file; training refuses a
+dataset whose report has errors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from ..errors import UserError
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+METADATA_FILE = "metadata.jsonl"
+CACHE_DIR_NAME = ".ernie_lora_cache"
+UNUSUAL_MODES = {
+    "CMYK": "CMYK, converted to RGB",
+    "P": "palette, converted to RGB",
+    "PA": "palette with alpha, composited on white",
+    "RGBA": "alpha channel, composited on white",
+    "LA": "grey with alpha, composited on white",
+    "I;16": "16-bit, reduced to 8-bit",
+    "I;16B": "16-bit, reduced to 8-bit",
+    "I;16L": "16-bit, reduced to 8-bit",
+    "I": "32-bit integer, reduced to 8-bit",
+    "F": "floating point, reduced to 8-bit",
+    "1": "1-bit, converted to RGB",
+    "YCbCr": "YCbCr, converted to RGB",
+}
+
+
+@dataclass
+class Finding:
+    path: str
+    level: str  # "error" stops training, "warning" does not
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.level}: {self.path}: {self.message}"
+
+
+@dataclass
+class Item:
+    image: Path
+    caption: str
+    width: int
+    height: int
+    sha256: str
+
+
+@dataclass
+class DatasetReport:
+    root: Path
+    items: list[Item] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    images_seen: int = 0
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == "error"]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == "warning"]
+
+    def raise_if_errors(self) -> None:
+        if not self.items and not self.errors:
+            raise UserError(f"dataset {self.root}: no images found (looked for {', '.join(sorted(IMAGE_EXTS))})")
+        if self.errors:
+            first = self.errors[0]
+            raise UserError(
+                f"dataset {self.root}: {len(self.errors)} problem(s) stop training; first: {first.path}: "
+                f"{first.message} (run `ernie-lora dataset check {self.root}` for all)"
+            )
+
+
+def _rel(root: Path, path: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def read_metadata(root: Path) -> tuple[dict[str, str], list[Finding]]:
+    """Captions from ``metadata.jsonl``: {relative file name: text}, plus per-line problems."""
+    path = root / METADATA_FILE
+    captions: dict[str, str] = {}
+    findings: list[Finding] = []
+    if not path.exists():
+        return captions, findings
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        return captions, [Finding(METADATA_FILE, "error", f"not UTF-8 ({exc.reason} at byte {exc.start})")]
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{METADATA_FILE}:{lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            findings.append(Finding(where, "error", f"invalid JSON ({exc.msg})"))
+            continue
+        if not isinstance(row, dict) or "file_name" not in row:
+            findings.append(Finding(where, "error", "missing key 'file_name'"))
+            continue
+        text = row.get("text", row.get("caption"))
+        if text is None:
+            findings.append(Finding(where, "error", "missing key 'text'"))
+            continue
+        if not isinstance(text, str):
+            findings.append(Finding(where, "error", f"'text' must be a string, got {type(text).__name__}"))
+            continue
+        captions[str(Path(row["file_name"]))] = text
+    return captions, findings
+
+
+def _iter_files(root: Path) -> list[Path]:
+    return sorted(
+        p for p in root.rglob("*") if p.is_file() and CACHE_DIR_NAME not in p.parts and not p.name.startswith(".")
+    )
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Open an image as 8-bit RGB: EXIF rotation applied, alpha composited on white, 16-bit reduced."""
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        im.load()
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        peak = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if im.mode in ("P", "PA"):
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA"):
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, im.convert("RGBA"))
+    return im.convert("RGB")
+
+
+def check_dataset(root: str | Path, min_side: int = 256) -> DatasetReport:
+    """Read every file of a dataset folder and report every problem.
+
+    ``min_side``: images whose shorter side is below it are flagged (they will be upscaled to fill
+    the smallest bucket).
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise UserError(f"dataset {root}: not a folder")
+    report = DatasetReport(root=root)
+    meta_captions, meta_findings = read_metadata(root)
+    report.findings.extend(meta_findings)
+    files = _iter_files(root)
+    images = [p for p in files if p.suffix.lower() in IMAGE_EXTS]
+    image_stems = {p.with_suffix("") for p in images}
+    report.images_seen = len(images)
+
+    for txt in (p for p in files if p.suffix.lower() == ".txt"):
+        if txt.with_suffix("") not in image_stems:
+            report.findings.append(Finding(_rel(root, txt), "warning", "caption without an image"))
+    image_names = {_rel(root, p) for p in images}
+    for name in meta_captions:
+        if name not in image_names:
+            report.findings.append(Finding(METADATA_FILE, "warning", f"caption for {name!r}: no such image"))
+
+    by_hash: dict[str, list[str]] = defaultdict(list)
+    for path in images:
+        rel = _rel(root, path)
+        problems = _check_image(path, rel, min_side, report)
+        caption = _caption_for(path, rel, meta_captions, report)
+        if problems is None or caption is None:
+            continue
+        width, height, digest = problems
+        by_hash[digest].append(rel)
+        report.items.append(Item(image=path, caption=caption, width=width, height=height, sha256=digest))
+    for names in by_hash.values():
+        for dup in names[1:]:
+            report.findings.append(Finding(dup, "warning", f"duplicate image (same content as {names[0]})"))
+    return report
+
+
+def _check_image(path: Path, rel: str, min_side: int, report: DatasetReport) -> tuple[int, int, str] | None:
+    data = path.read_bytes()
+    if not data:
+        report.findings.append(Finding(rel, "error", "zero-byte file"))
+        return None
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+            im.load()  # decodes everything: catches truncated files that Image.open alone accepts
+            im = ImageOps.exif_transpose(im)
+            width, height = im.size
+    except Exception as exc:  # PIL raises many types for corrupt data
+        msg = str(exc) or type(exc).__name__
+        kind = "truncated image" if "truncated" in msg.lower() else "unreadable image"
+        report.findings.append(Finding(rel, "error", f"{kind} ({msg})"))
+        return None
+    if mode in UNUSUAL_MODES:
+        report.findings.append(Finding(rel, "warning", f"mode {mode}: {UNUSUAL_MODES[mode]}"))
+    if min(width, height) < min_side:
+        report.findings.append(
+            Finding(rel, "warning", f"{width}x{height} is smaller than the smallest bucket ({min_side}px side); "
+                    "it will be upscaled")
+        )
+    return width, height, hashlib.sha256(data).hexdigest()
+
+
+def _caption_for(path: Path, rel: str, meta_captions: dict[str, str], report: DatasetReport) -> str | None:
+    txt = path.with_suffix(".txt")
+    caption: str | None = None
+    if txt.exists():
+        try:
+            caption = txt.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError as exc:
+            report.findings.append(Finding(_rel(report.root, txt), "error", f"caption is not UTF-8 ({exc.reason})"))
+            return None
+        if rel in meta_captions and meta_captions[rel].strip() != caption:
+            report.findings.append(Finding(rel, "warning", f"caption in {txt.name} differs from {METADATA_FILE}; "
+                                           f"using {txt.name}"))
+    elif rel in meta_captions:
+        caption = meta_captions[rel].strip()
+    if caption is None:
+        report.findings.append(Finding(rel, "error", f"missing caption (no {txt.name}, no {METADATA_FILE} entry)"))
+        return None
+    if not caption:
+        report.findings.append(Finding(rel, "warning", "empty caption (trains unconditionally)"))
+    return caption

@@ -1,0 +1,23 @@
+"""LoRA adapters (peft) and LoRA files."""
+
+from .adapters import (
+    TARGET_PRESETS,
+    add_lora,
+    check_lora_fits,
+    lora_state_dict,
+    read_lora,
+    resolve_targets,
+    save_lora,
+    set_lora_state,
+)
+
+__all__ = [
+    "TARGET_PRESETS",
+    "add_lora",
+    "check_lora_fits",
+    "lora_state_dict",
+    "read_lora",
+    "resolve_targets",
+    "save_lora",
+    "set_lora_state",
+]

@@ -1,0 +1,63 @@
+"""PNG outputs people look at: the loss curve and image grids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+from .io import atomic_write  # noqa: E402
+
+
+def save_loss_plot(steps: list[int], losses: list[float], path: str | Path, title: str = "training loss") -> Path:
+    """Raw loss and an exponential moving average, as a PNG."""
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(steps, losses, color="#9ab", linewidth=0.8, label="loss")
+    if losses:
+        ema, smoothed = losses[0], []
+        for value in losses:
+            ema = 0.9 * ema + 0.1 * value
+            smoothed.append(ema)
+        ax.plot(steps, smoothed, color="#c33", linewidth=1.6, label="EMA 0.9")
+    ax.set_xlabel("step")
+    ax.set_ylabel("flow-matching loss (MSE on velocity)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+    return Path(path)
+
+
+def image_grid(images: list[Image.Image], labels: list[str] | None = None, columns: int | None = None,
+               label_height: int = 14) -> Image.Image:
+    """Tile images (same size) in a grid with a short label under each."""
+    if not images:
+        raise ValueError("no images to tile")
+    columns = columns or min(len(images), 4)
+    rows = (len(images) + columns - 1) // columns
+    w, h = images[0].size
+    cell_h = h + (label_height if labels else 0)
+    grid = Image.new("RGB", (columns * w, rows * cell_h), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, image in enumerate(images):
+        x, y = (i % columns) * w, (i // columns) * cell_h
+        grid.paste(image.convert("RGB").resize((w, h)), (x, y))
+        if labels:
+            text = labels[i]
+            max_chars = max(4, w // 6)
+            draw.text((x + 2, y + h + 1), text if len(text) <= max_chars else text[: max_chars - 1] + "…",
+                      fill="black")
+    return grid
+
+
+def save_image_grid(images: list[Image.Image], path: str | Path, labels: list[str] | None = None,
+                    columns: int | None = None) -> Path:
+    grid = image_grid(images, labels, columns)
+    atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
+    return Path(path)

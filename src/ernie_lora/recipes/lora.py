@@ -1,0 +1,329 @@
+"""Flow-matching LoRA fine-tuning of ERNIE-Image (SFT), read top to bottom.
+
+1. check the dataset, bucket it, cache latents and text embeddings (VAE and text encoder then unloaded);
+2. load the DiT, inject a peft LoRA on the chosen linear layers, everything else frozen;
+3. train: x_sigma = (1 - sigma) x0 + sigma noise, predict the velocity noise - x0, MSE;
+4. checkpoint atomically (LoRA, optimizer, LR schedule, RNG states, data position), sample, plot;
+5. write RUN/lora.safetensors in diffusers format.
+
+``--resume`` continues bit-exactly: every random draw comes from state that is checkpointed.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import ErnieImagePipeline, FlowMatchEulerDiscreteScheduler
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..config import TrainRunConfig, dump_config
+from ..data.buckets import make_buckets
+from ..data.cache import CachedDataset, CachedSample, build_caches, load_embedding, load_latent
+from ..data.dataset import CACHE_DIR_NAME, check_dataset
+from ..errors import UserError
+from ..flow import model_timesteps, noisy_latents, sample_sigmas, velocity_target
+from ..io import atomic_write_text, sha256_text
+from ..lora import add_lora, check_lora_fits, lora_state_dict, read_lora, resolve_targets, save_lora, set_lora_state
+from ..models.loading import load_component_config, load_pipeline, load_transformer, parse_dtype, pixel_multiple
+from ..plots import save_image_grid, save_loss_plot
+from .run_dir import (
+    check_resume_config,
+    latest_checkpoint,
+    load_training_state,
+    prepare_run_dir,
+    restore_rng_state,
+    rng_state,
+    save_checkpoint,
+)
+
+
+class BucketBatches:
+    """Batches that share a bucket, in an order fixed by (seed, epoch): the position is all resume needs."""
+
+    def __init__(self, samples: list[CachedSample], batch_size: int, seed: int):
+        self.samples, self.batch_size, self.seed = samples, batch_size, seed
+        self.epoch, self.index = 0, 0
+        self._batches = self._epoch_batches(0)
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        by_bucket: dict[tuple[int, int], list[int]] = {}
+        for i, s in enumerate(self.samples):
+            by_bucket.setdefault((s.bucket.width, s.bucket.height), []).append(i)
+        batches = []
+        for key in sorted(by_bucket):
+            idx = by_bucket[key]
+            order = [idx[j] for j in torch.randperm(len(idx), generator=g).tolist()]
+            batches += [order[k : k + self.batch_size] for k in range(0, len(order), self.batch_size)]
+        return [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
+
+    def next(self) -> list[CachedSample]:
+        if self.index >= len(self._batches):
+            self.epoch, self.index = self.epoch + 1, 0
+            self._batches = self._epoch_batches(self.epoch)
+        batch = self._batches[self.index]
+        self.index += 1
+        return [self.samples[i] for i in batch]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self._batches = self._epoch_batches(self.epoch)
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    steps_done: int
+    final_loss: float | None
+    cache: CachedDataset
+
+
+def pick_device(requested: str | None) -> torch.device:
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def make_optimizer(params, cfg) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise UserError("train.optimizer: adamw8bit needs bitsandbytes (pip install 'ernie-lora[bnb]')") from None
+        if not torch.cuda.is_available():
+            raise UserError("train.optimizer: adamw8bit needs a CUDA GPU; use adamw on CPU")
+        return bnb.optim.AdamW8bit(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+def dataset_hash(cached: CachedDataset) -> str:
+    return sha256_text("|".join(sorted(f"{s.latent_file.stem}:{sha256_text(s.caption)}" for s in cached.samples)))
+
+
+def train(
+    cfg: TrainRunConfig,
+    output: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    stop_after: int | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Run the LoRA recipe. ``stop_after`` ends the run after that step as if killed (tests use it)."""
+    output = Path(output).expanduser()
+    prepare_run_dir(output, resume, overwrite)
+    config_dict = cfg.model_dump(mode="json")
+    if resume:
+        check_resume_config(output, config_dict)
+    atomic_write_text(output / "config.yaml", dump_config(cfg))
+    tcfg, device = cfg.train, pick_device(cfg.train.device)
+
+    # -- 1. data: check, bucket, cache ---------------------------------------------------------------
+    multiple = pixel_multiple(cfg.model.name, cfg.model.revision)
+    step_px = cfg.data.bucket_multiple or multiple
+    if step_px % multiple:
+        raise UserError(f"data.bucket_multiple: {step_px} must be a multiple of {multiple} (what the model needs)")
+    buckets = make_buckets(cfg.data.resolution, step_px, cfg.data.max_aspect_ratio)
+    report = check_dataset(cfg.data.path, min_side=min(min(b.width, b.height) for b in buckets))
+    report.raise_if_errors()
+    cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(cfg.data.path) / CACHE_DIR_NAME
+    cached = build_caches(
+        report.items, buckets, cache_dir, cfg.model.name, crop=cfg.data.crop, prompts=cfg.sample.prompts,
+        vae_dtype=cfg.model.vae_dtype, text_dtype=cfg.model.dtype, device=device, revision=cfg.model.revision,
+    )
+
+    # -- 2. model: the DiT alone, a LoRA on it --------------------------------------------------------
+    weight_dtype = parse_dtype(cfg.model.dtype)
+    transformer = load_transformer(cfg.model.name, dtype=weight_dtype, device=device, revision=cfg.model.revision)
+    sched_cfg = load_component_config(cfg.model.name, "scheduler", cfg.model.revision)
+    shift = tcfg.timesteps.shift
+    shift = float(sched_cfg.get("shift", 1.0)) if shift == "official" else (1.0 if shift == "none" else float(shift))
+    num_train_timesteps = int(sched_cfg.get("num_train_timesteps", 1000))
+
+    torch.manual_seed(tcfg.seed)  # LoRA A init
+    targets = resolve_targets(transformer, cfg.lora.targets)
+    peft_config = add_lora(transformer, cfg.lora.rank, cfg.lora.alpha, targets, cfg.lora.dropout)
+    if cfg.lora.init_from:
+        init_sd, _ = read_lora(cfg.lora.init_from)
+        check_lora_fits(cfg.lora.init_from, init_sd, transformer)
+        set_lora_state(transformer, init_sd)
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()  # LoRA weights train in fp32 over a bf16 base
+    if tcfg.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+
+    optimizer = make_optimizer(params, tcfg)
+    lr_scheduler = get_scheduler(
+        tcfg.lr_scheduler, optimizer, num_warmup_steps=tcfg.warmup_steps, num_training_steps=tcfg.steps
+    )
+    generator = torch.Generator().manual_seed(tcfg.seed)  # noise, sigmas, caption dropout
+    batches = BucketBatches(cached.samples, tcfg.batch_size, tcfg.seed)
+    empty_embedding = load_embedding(cached.empty_text_file)
+    history: list[tuple[int, float, float]] = []
+    step = 0
+
+    if resume:
+        ckpt = latest_checkpoint(output)
+        lora_sd, _ = read_lora(ckpt / "lora.safetensors")
+        set_lora_state(transformer, lora_sd)
+        state = load_training_state(ckpt)
+        optimizer.load_state_dict(state["optimizer"])
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        batches.load_state_dict(state["data"])
+        restore_rng_state(state["rng"], generator)
+        step = int(state["step"])
+        history = [row for row in _read_loss_csv(output / "loss.csv") if row[0] <= step]
+
+    sampler = _Sampler(cfg, cached, transformer, device) if cfg.sample.prompts else None
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tcfg.mixed_precision)
+    loss_file = _open_loss_csv(output / "loss.csv", history)
+    bar = tqdm(total=tcfg.steps, initial=step, desc="training", unit="step", disable=not progress)
+    started, last_loss = time.perf_counter(), None
+
+    # -- 3. the loop ----------------------------------------------------------------------------------
+    while step < tcfg.steps:
+        total = 0.0
+        for _ in range(tcfg.grad_accum):
+            batch = batches.next()
+            x0 = torch.stack([load_latent(s.latent_file) for s in batch]).to(device, torch.float32)
+            drop = torch.rand(len(batch), generator=generator) < cfg.data.caption_dropout
+            texts = [empty_embedding if d else load_embedding(s.text_file) for s, d in zip(batch, drop.tolist())]
+            noise = torch.randn(x0.shape, generator=generator).to(device)
+            sigmas = sample_sigmas(len(batch), generator, tcfg.timesteps.sampling, shift,
+                                   tcfg.timesteps.logit_mean, tcfg.timesteps.logit_std).to(device)
+            x_t = noisy_latents(x0, noise, sigmas)
+            text_bth, text_lens = ErnieImagePipeline._pad_text(texts, device, weight_dtype, transformer.text_in_dim)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                pred = transformer(
+                    hidden_states=x_t.to(weight_dtype),
+                    timestep=model_timesteps(sigmas, num_train_timesteps).to(weight_dtype),
+                    text_bth=text_bth,
+                    text_lens=text_lens,
+                    return_dict=False,
+                )[0]
+            loss = F.mse_loss(pred.float(), velocity_target(x0, noise).float()) / tcfg.grad_accum
+            if not torch.isfinite(loss):
+                raise UserError(f"step {step + 1}: loss is {loss.item()}; lower train.lr or use mixed_precision bf16")
+            loss.backward()
+            total += loss.item()
+        if tcfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        last_loss = total
+        lr = lr_scheduler.get_last_lr()[0]
+        history.append((step, total, lr))
+        loss_file.write(f"{step},{total:.8g},{lr:.8g}\n")
+        loss_file.flush()
+        elapsed = time.perf_counter() - started
+        bar.set_postfix(loss=f"{total:.4f}", s_it=f"{elapsed / max(1, bar.n + 1 - bar.initial):.2f}")
+        bar.update()
+
+        if step % cfg.checkpoint.every == 0 or step == tcfg.steps:
+            def write(folder: Path, step: int = step) -> None:
+                save_lora(folder / "lora.safetensors", lora_state_dict(transformer), peft_config)
+                torch.save(
+                    {"step": step, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+                     "data": batches.state_dict(), "rng": rng_state(generator)},
+                    folder / "training_state.pt",
+                )
+            save_checkpoint(output, step, write, cfg.checkpoint.keep)
+            save_loss_plot([h[0] for h in history], [h[1] for h in history], output / "loss.png")
+        if sampler and cfg.sample.every and step % cfg.sample.every == 0 and step != tcfg.steps:
+            sampler.run(output / "samples" / f"step-{step:06d}.png")
+        if stop_after is not None and step >= stop_after and step < tcfg.steps:
+            bar.close()
+            loss_file.close()
+            return TrainResult(output, step, last_loss, cached)
+    bar.close()
+    loss_file.close()
+
+    # -- 4. outputs -----------------------------------------------------------------------------------
+    if sampler:
+        sampler.run(output / "samples" / f"step-{step:06d}.png")
+    save_loss_plot([h[0] for h in history], [h[1] for h in history], output / "loss.png")
+    metadata = {
+        "base_model": cfg.model.name,
+        "base_revision": cfg.model.revision or "",
+        "rank": cfg.lora.rank,
+        "alpha": cfg.lora.alpha,
+        "targets": targets,
+        "steps": step,
+        "dataset_hash": dataset_hash(cached),
+        "image_count": len(cached.samples),
+        "tool": f"ernie-lora {__version__}",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "training_config": config_dict,
+    }
+    save_lora(output / "lora.safetensors", lora_state_dict(transformer), peft_config, metadata)
+    return TrainResult(output, step, last_loss, cached)
+
+
+def _read_loss_csv(path: Path) -> list[tuple[int, float, float]]:
+    if not path.exists():
+        return []
+    rows = []
+    for row in csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"))):
+        rows.append((int(row["step"]), float(row["loss"]), float(row["lr"])))
+    return rows
+
+
+def _open_loss_csv(path: Path, history: list[tuple[int, float, float]]):
+    """Rewrite loss.csv with the rows up to the resumed step (atomically), then append from there."""
+    lines = ["step,loss,lr"] + [f"{s},{loss:.8g},{lr:.8g}" for s, loss, lr in history]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return open(path, "a", encoding="utf-8")
+
+
+class _Sampler:
+    """Generates the configured prompts with the training transformer and cached embeddings."""
+
+    def __init__(self, cfg: TrainRunConfig, cached: CachedDataset, transformer, device: torch.device):
+        self.cfg = cfg.sample
+        parts = load_pipeline(cfg.model.name, dtype=cfg.model.vae_dtype, device=device,
+                              components=("vae", "scheduler"), revision=cfg.model.revision)
+        self.pipe = ErnieImagePipeline(
+            transformer=transformer, vae=parts.vae, text_encoder=None, tokenizer=None,
+            scheduler=FlowMatchEulerDiscreteScheduler.from_config(parts.scheduler.config),
+        )
+        self.pipe.set_progress_bar_config(disable=True)
+        self.embeds = [load_embedding(cached.prompt_files[p]) for p in self.cfg.prompts]
+        self.negative = load_embedding(cached.empty_text_file)
+        self.width = self.cfg.width or cfg.data.resolution
+        self.height = self.cfg.height or cfg.data.resolution
+
+    @torch.no_grad()
+    def run(self, path: Path) -> Path:
+        transformer = self.pipe.transformer
+        was_training = transformer.training
+        transformer.eval()
+        images = []
+        for i, emb in enumerate(self.embeds):
+            generator = torch.Generator().manual_seed(self.cfg.seed + i)
+            out = self.pipe(
+                prompt_embeds=[emb], negative_prompt_embeds=[self.negative], height=self.height, width=self.width,
+                num_inference_steps=self.cfg.steps, guidance_scale=self.cfg.guidance, generator=generator,
+                use_pe=False,
+            )
+            images.append(out.images[0])
+        # the pipeline decodes with the VAE's dtype; keep the DiT in training mode afterwards
+        transformer.train(was_training)
+        columns = min(len(images), max(1, math.ceil(math.sqrt(len(images)))))
+        return save_image_grid(images, path, labels=self.cfg.prompts, columns=columns)
