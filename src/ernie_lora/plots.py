@@ -35,19 +35,22 @@ def save_loss_plot(steps: list[int], losses: list[float], path: str | Path, titl
 
 
 def image_grid(images: list[Image.Image], labels: list[str] | None = None, columns: int | None = None,
-               label_height: int = 14) -> Image.Image:
-    """Tile images (same size) in a grid with a short label under each."""
+               label_height: int = 14, min_side: int = 160) -> Image.Image:
+    """Tile images (same size) in a grid with a short label under each; small images are enlarged
+    (nearest neighbour) so that a 32px sample and its label stay readable."""
     if not images:
         raise ValueError("no images to tile")
     columns = columns or min(len(images), 4)
     rows = (len(images) + columns - 1) // columns
     w, h = images[0].size
+    zoom = max(1, -(-min_side // min(w, h)))
+    w, h = w * zoom, h * zoom
     cell_h = h + (label_height if labels else 0)
     grid = Image.new("RGB", (columns * w, rows * cell_h), "white")
     draw = ImageDraw.Draw(grid)
     for i, image in enumerate(images):
         x, y = (i % columns) * w, (i // columns) * cell_h
-        grid.paste(image.convert("RGB").resize((w, h)), (x, y))
+        grid.paste(image.convert("RGB").resize((w, h), Image.Resampling.NEAREST), (x, y))
         if labels:
             text = labels[i]
             max_chars = max(4, w // 6)

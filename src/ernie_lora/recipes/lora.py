@@ -193,7 +193,7 @@ def train(
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tcfg.mixed_precision)
     loss_file = _open_loss_csv(output / "loss.csv", history)
     bar = tqdm(total=tcfg.steps, initial=step, desc="training", unit="step", disable=not progress)
-    started, last_loss = time.perf_counter(), None
+    started, last_loss, start_step = time.perf_counter(), None, step
 
     # -- 3. the loop ----------------------------------------------------------------------------------
     while step < tcfg.steps:
@@ -233,7 +233,7 @@ def train(
         loss_file.write(f"{step},{total:.8g},{lr:.8g}\n")
         loss_file.flush()
         elapsed = time.perf_counter() - started
-        bar.set_postfix(loss=f"{total:.4f}", s_it=f"{elapsed / max(1, bar.n + 1 - bar.initial):.2f}")
+        bar.set_postfix(loss=f"{total:.4f}", s_it=f"{elapsed / (step - start_step):.2f}")
         bar.update()
 
         if step % cfg.checkpoint.every == 0 or step == tcfg.steps:

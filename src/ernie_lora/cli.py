@@ -1,0 +1,132 @@
+"""The ``ernie-lora`` command: parses arguments, loads configs, calls a recipe or a command function."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import typer
+
+from .errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train, check and use LoRA adapters for ERNIE-Image.")
+dataset_app = typer.Typer(no_args_is_help=True, help="Dataset folders: check them before training.")
+app.add_typer(dataset_app, name="dataset")
+
+
+def _quiet_libraries() -> None:
+    # diffusers/transformers log dtype notes and deprecations on every load; users need errors only
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+
+
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="training YAML (see configs/)"),
+    output: Path | None = typer.Option(None, "--output", "-o", help="run folder (default: runs/<config name>)"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in --output from its last checkpoint"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace the run already in --output"),
+    set_: list[str] = typer.Option([], "--set", help="override a config key: --set train.lr=5e-5"),
+) -> None:
+    """Train a LoRA from a YAML config."""
+    from .config import load_train_config
+    from .recipes.lora import train as run_train
+
+    cfg = load_train_config(config, set_)
+    output = output or Path("runs") / config.stem
+    _quiet_libraries()
+    result = run_train(cfg, output, resume=resume, overwrite=overwrite)
+    typer.echo(f"done: {result.steps_done} steps, final loss {result.final_loss:.4f}")
+    typer.echo(f"LoRA: {result.output / 'lora.safetensors'}  loss plot: {result.output / 'loss.png'}")
+
+
+@dataset_app.command("check")
+def dataset_check(
+    folder: Path = typer.Argument(..., help="images with .txt captions and/or metadata.jsonl"),
+    resolution: int = typer.Option(256, help="flag images whose shorter side is below this"),
+) -> None:
+    """Report every problem per file; exit 1 when training would fail."""
+    from .data.dataset import check_dataset
+
+    report = check_dataset(folder, min_side=resolution)
+    for finding in report.findings:
+        typer.echo(str(finding))
+    typer.echo(
+        f"{report.images_seen} images, {len(report.items)} usable, "
+        f"{len(report.errors)} errors, {len(report.warnings)} warnings"
+    )
+    if report.errors or not report.items:
+        if not report.items and not report.errors:
+            typer.echo(f"error: {folder}: no images found", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def generate(
+    prompts: list[str] = typer.Argument(None, help="prompts, one image each"),
+    prompts_file: Path | None = typer.Option(None, "--prompts-file", help="a text file, one prompt per line"),
+    model: str | None = typer.Option(None, "--model", "-m", help="hub id, local folder or 'tiny'"),
+    lora: list[str] = typer.Option([], "--lora", help="PATH[:STRENGTH], repeatable"),
+    fuse: bool = typer.Option(False, "--fuse", help="merge the LoRAs into the weights before sampling"),
+    steps: int | None = typer.Option(None, help="denoising steps (default 50; 8 with --turbo)"),
+    guidance: float | None = typer.Option(None, help="CFG scale (default 4.0; 1.0 with --turbo)"),
+    seed: int = typer.Option(0, help="seed of the first image; the next prompts use seed+1, ..."),
+    width: int = typer.Option(1024),
+    height: int = typer.Option(1024),
+    turbo: bool = typer.Option(False, "--turbo", help="ERNIE-Image-Turbo: 8 steps, guidance 1.0"),
+    pe: bool = typer.Option(False, "--pe/--no-pe", help="rewrite prompts with the Prompt Enhancer"),
+    negative_prompt: str = typer.Option("", "--negative-prompt"),
+    out: Path = typer.Option(Path("outputs"), "--out", "-o", help="folder for the PNGs"),
+    dtype: str = typer.Option("bf16", help="bf16, fp16 or fp32"),
+    device: str | None = typer.Option(None, help="cuda, cpu, ... (default: cuda if available)"),
+) -> None:
+    """Generate images, optionally with LoRAs."""
+    from .generate import generate as run_generate
+    from .generate import parse_lora_spec
+
+    all_prompts = list(prompts or [])
+    if prompts_file is not None:
+        try:
+            all_prompts += [ln.strip() for ln in prompts_file.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"--prompts-file {prompts_file}: cannot read ({exc})") from None
+    _quiet_libraries()
+    paths = run_generate(
+        all_prompts, model=model, loras=[parse_lora_spec(s) for s in lora], fuse=fuse, steps=steps,
+        guidance=guidance, seed=seed, width=width, height=height, turbo=turbo, use_pe=pe,
+        negative_prompt=negative_prompt, out_dir=out, dtype=dtype, device=device,
+    )
+    for path in paths:
+        typer.echo(str(path))
+
+
+@app.command()
+def demo(
+    output: Path = typer.Option(Path("demo-output"), "--output", "-o"),
+) -> None:
+    """Train a LoRA on the tiny model with toy posters, then generate with and without it (CPU, no download)."""
+    from .demo import run_demo
+
+    _quiet_libraries()
+    run_demo(output)
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""Inference: ERNIE-Image with any number of LoRAs at their strengths, fused or not, Turbo, Prompt Enhancer.
+
+Everything goes through ``ErnieImagePipeline`` itself (``load_lora_weights``, ``set_adapters``,
+``fuse_lora``), so with the same seed and LoRA the pixels are the ones diffusers produces.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from . import __version__
+from .errors import UserError
+from .io import atomic_write
+from .lora import check_lora_fits, read_lora
+from .models.loading import BASE_MODEL, TURBO_MODEL, load_pipeline
+
+TURBO_STEPS, TURBO_GUIDANCE = 8, 1.0
+MAX_SIDE = 4096
+SUMMED_STRENGTH_WARNING = 1.5
+
+
+@dataclass
+class LoraSpec:
+    path: Path
+    strength: float = 1.0
+
+
+def parse_lora_spec(spec: str) -> LoraSpec:
+    """``PATH`` or ``PATH:STRENGTH``."""
+    path, strength = spec, 1.0
+    if ":" in spec:
+        head, tail = spec.rsplit(":", 1)
+        try:
+            strength, path = float(tail), head
+        except ValueError:
+            path = spec
+    return LoraSpec(Path(path).expanduser(), strength)
+
+
+def validate_size(width: int, height: int, multiple: int) -> None:
+    for flag, value in (("--width", width), ("--height", height)):
+        if value <= 0 or value % multiple or value > MAX_SIDE:
+            raise UserError(f"{flag}: {value} must be a positive multiple of {multiple} and at most {MAX_SIDE}")
+
+
+def interference_warnings(loras: list[LoraSpec], module_sets: list[set[str]]) -> list[str]:
+    """Stacking warnings: adapters fight each other when many touch the same layers or strengths add up."""
+    warnings = []
+    total = sum(abs(spec.strength) for spec in loras)
+    if total > SUMMED_STRENGTH_WARNING:
+        warnings.append(f"summed LoRA strength {total:.2f} > {SUMMED_STRENGTH_WARNING}: expect over-saturated, "
+                        "muddy images (adapter interference)")
+    if len(module_sets) > 2:
+        shared = set.intersection(*module_sets)
+        if shared:
+            warnings.append(f"{len(module_sets)} LoRAs all modify the same {len(shared)} modules: expect interference")
+    return warnings
+
+
+def _slug(text: str, length: int = 40) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:length] or "image"
+
+
+def _free_path(folder: Path, stem: str) -> Path:
+    path, n = folder / f"{stem}.png", 1
+    while path.exists():  # never overwrite an earlier image
+        path, n = folder / f"{stem}-{n}.png", n + 1
+    return path
+
+
+def load_loras(pipe, loras: list[LoraSpec], fuse: bool = False) -> list[str]:
+    """Load LoRA files into the pipeline at their strengths; returns warnings to show."""
+    names, module_sets = [], []
+    for i, spec in enumerate(loras):
+        state_dict, _ = read_lora(spec.path)
+        check_lora_fits(spec.path, state_dict, pipe.transformer)
+        module_sets.append({k.split(".lora_")[0] for k in state_dict})
+        name = f"lora_{i}"
+        pipe.load_lora_weights(str(spec.path), adapter_name=name)
+        names.append(name)
+    if names:
+        pipe.set_adapters(names, [spec.strength for spec in loras])
+        if fuse:
+            pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
+            pipe.unload_lora_weights()  # keeps the fused weights, drops the LoRA layers
+    return interference_warnings(loras, module_sets)
+
+
+def generate(
+    prompts: list[str],
+    *,
+    model: str | None = None,
+    loras: list[LoraSpec] | None = None,
+    fuse: bool = False,
+    steps: int | None = None,
+    guidance: float | None = None,
+    seed: int = 0,
+    width: int = 1024,
+    height: int = 1024,
+    turbo: bool = False,
+    use_pe: bool = False,
+    negative_prompt: str = "",
+    out_dir: str | Path = "outputs",
+    dtype: str = "bf16",
+    device: str | None = None,
+    pipe=None,
+) -> list[Path]:
+    """Generate one PNG per prompt (seed, seed+1, ...) with prompt, seed, model and LoRAs in its metadata."""
+    if not prompts:
+        raise UserError("no prompts given (pass them as arguments or with --prompts-file)")
+    model = model or (TURBO_MODEL if turbo else BASE_MODEL)
+    steps = steps or (TURBO_STEPS if turbo else 50)
+    guidance = guidance if guidance is not None else (TURBO_GUIDANCE if turbo else 4.0)
+    if steps <= 0:
+        raise UserError(f"--steps: {steps} must be > 0")
+    loras = loras or []
+    for spec in loras:
+        read_lora(spec.path)  # fail on a bad file before loading an 8B model
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if pipe is None:
+        pipe = load_pipeline(model, dtype=dtype, device=device, with_pe=use_pe)
+    multiple = pipe.vae_scale_factor * pipe.transformer.config.patch_size
+    validate_size(width, height, multiple)
+    if use_pe and getattr(pipe, "pe", None) is None:
+        print(f"warning: {model} has no Prompt Enhancer; generating without it", file=sys.stderr)
+    for warning in load_loras(pipe, loras, fuse):
+        print(f"warning: {warning}", file=sys.stderr)
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, prompt in enumerate(prompts):
+        image_seed = seed + i
+        result = pipe(
+            prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
+            num_inference_steps=steps, guidance_scale=guidance,
+            generator=torch.Generator(device="cpu").manual_seed(image_seed), use_pe=use_pe,
+        )
+        image: Image.Image = result.images[0]
+        info = PngInfo()
+        fields = {
+            "prompt": prompt,
+            "seed": image_seed,
+            "model": model,
+            "loras": json.dumps([{"path": str(s.path), "strength": s.strength} for s in loras]),
+            "fused": fuse,
+            "steps": steps,
+            "guidance": guidance,
+            "width": width,
+            "height": height,
+            "negative_prompt": negative_prompt,
+            "prompt_enhancer": bool(use_pe and getattr(pipe, "pe", None) is not None),
+            "software": f"ernie-lora {__version__}",
+        }
+        if result.revised_prompts:
+            fields["revised_prompt"] = result.revised_prompts[0]
+        for key, value in fields.items():
+            info.add_text(key, str(value))
+        path = _free_path(out_dir, f"{i:03d}-{_slug(prompt)}")
+        atomic_write(path, lambda tmp, image=image, info=info: image.save(tmp, format="PNG", pnginfo=info))
+        written.append(path)
+    return written
