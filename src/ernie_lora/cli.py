@@ -41,7 +41,8 @@ def train(
     output = output or Path("runs") / config.stem
     _quiet_libraries()
     result = run_train(cfg, output, resume=resume, overwrite=overwrite)
-    typer.echo(f"done: {result.steps_done} steps, final loss {result.final_loss:.4f}")
+    loss = "n/a" if result.final_loss is None else f"{result.final_loss:.4f}"
+    typer.echo(f"done: {result.steps_done} steps, final loss {loss}")
     typer.echo(f"LoRA: {result.output / 'lora.safetensors'}  loss plot: {result.output / 'loss.png'}")
 
 

@@ -62,13 +62,24 @@ def lora_state_dict(transformer) -> dict[str, torch.Tensor]:
     return {f"transformer.{k}": v.detach().clone().contiguous() for k, v in sd.items()}
 
 
-def set_lora_state(transformer, state_dict: dict[str, torch.Tensor]) -> None:
-    """Load diffusers-format LoRA weights into the already-injected adapter (resume, init_from)."""
+def set_lora_state(transformer, state_dict: dict[str, torch.Tensor], source: str = "LoRA") -> None:
+    """Load diffusers-format LoRA weights into the already-injected adapter (resume, init_from).
+
+    The file must have exactly the adapter's modules and shapes (rank and targets as configured).
+    """
     stripped = {k.removeprefix("transformer."): v for k, v in state_dict.items()}
-    result = set_peft_model_state_dict(transformer, stripped, adapter_name=ADAPTER_NAME)
-    unexpected = getattr(result, "unexpected_keys", []) or []
-    if unexpected:
-        raise UserError(f"LoRA keys not in the adapter: {', '.join(unexpected[:5])}")
+    current = get_peft_model_state_dict(transformer, adapter_name=ADAPTER_NAME)
+    problems = [
+        f"{k} shape {list(v.shape)} != {list(current[k].shape)}"
+        for k, v in stripped.items() if k in current and v.shape != current[k].shape
+    ]
+    problems += [f"{k} not in the adapter" for k in stripped if k not in current]
+    problems += [f"{k} missing" for k in current if k not in stripped]
+    if problems:
+        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise UserError(f"{source} does not match the configured adapter (lora.rank, lora.targets): "
+                        f"{'; '.join(problems[:3])}{more}")
+    set_peft_model_state_dict(transformer, stripped, adapter_name=ADAPTER_NAME)
 
 
 def _jsonable(value):

@@ -104,7 +104,7 @@ def load_pipeline(
         )
     try:
         pipe = ErnieImagePipeline.from_pretrained(source, dtype=torch_dtype, revision=revision, **skip)
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         if _is_local(name):
             raise UserError(f"model folder {source}: not a diffusers ERNIE-Image folder ({exc})") from None
         raise _missing_weights_error(name, exc) from None
@@ -127,7 +127,7 @@ def load_transformer(
         model = ErnieImageTransformer2DModel.from_pretrained(
             source, subfolder="transformer", dtype=torch_dtype, revision=revision
         )
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         if _is_local(name):
             raise UserError(f"model folder {source}: no transformer/ inside ({exc})") from None
         raise _missing_weights_error(name, exc) from None

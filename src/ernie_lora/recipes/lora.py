@@ -33,8 +33,22 @@ from ..data.dataset import CACHE_DIR_NAME, check_dataset
 from ..errors import UserError
 from ..flow import model_timesteps, noisy_latents, sample_sigmas, velocity_target
 from ..io import atomic_write_text, sha256_text
-from ..lora import add_lora, check_lora_fits, lora_state_dict, read_lora, resolve_targets, save_lora, set_lora_state
-from ..models.loading import load_component_config, load_pipeline, load_transformer, parse_dtype, pixel_multiple
+from ..lora import (
+    add_lora,
+    check_lora_fits,
+    lora_state_dict,
+    read_lora,
+    resolve_targets,
+    save_lora,
+    set_lora_state,
+)
+from ..models.loading import (
+    load_component_config,
+    load_pipeline,
+    load_transformer,
+    parse_dtype,
+    pixel_multiple,
+)
 from ..plots import save_image_grid, save_loss_plot
 from .run_dir import (
     check_resume_config,
@@ -159,7 +173,7 @@ def train(
     if cfg.lora.init_from:
         init_sd, _ = read_lora(cfg.lora.init_from)
         check_lora_fits(cfg.lora.init_from, init_sd, transformer)
-        set_lora_state(transformer, init_sd)
+        set_lora_state(transformer, init_sd, f"lora.init_from {cfg.lora.init_from}")
     params = [p for p in transformer.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()  # LoRA weights train in fp32 over a bf16 base
@@ -180,7 +194,7 @@ def train(
     if resume:
         ckpt = latest_checkpoint(output)
         lora_sd, _ = read_lora(ckpt / "lora.safetensors")
-        set_lora_state(transformer, lora_sd)
+        set_lora_state(transformer, lora_sd, str(ckpt / "lora.safetensors"))
         state = load_training_state(ckpt)
         optimizer.load_state_dict(state["optimizer"])
         lr_scheduler.load_state_dict(state["lr_scheduler"])
@@ -188,12 +202,15 @@ def train(
         restore_rng_state(state["rng"], generator)
         step = int(state["step"])
         history = [row for row in _read_loss_csv(output / "loss.csv") if row[0] <= step]
+        if step >= tcfg.steps and (output / "lora.safetensors").exists():
+            print(f"{output}: already complete at step {step}; nothing to do (raise train.steps to go on)")
+            return TrainResult(output, step, history[-1][1] if history else None, cached)
 
     sampler = _Sampler(cfg, cached, transformer, device) if cfg.sample.prompts else None
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tcfg.mixed_precision)
     loss_file = _open_loss_csv(output / "loss.csv", history)
     bar = tqdm(total=tcfg.steps, initial=step, desc="training", unit="step", disable=not progress)
-    started, last_loss, start_step = time.perf_counter(), None, step
+    started, last_loss, start_step = time.perf_counter(), (history[-1][1] if history else None), step
 
     # -- 3. the loop ----------------------------------------------------------------------------------
     while step < tcfg.steps:
@@ -201,8 +218,9 @@ def train(
         for _ in range(tcfg.grad_accum):
             batch = batches.next()
             x0 = torch.stack([load_latent(s.latent_file) for s in batch]).to(device, torch.float32)
-            drop = torch.rand(len(batch), generator=generator) < cfg.data.caption_dropout
-            texts = [empty_embedding if d else load_embedding(s.text_file) for s, d in zip(batch, drop.tolist())]
+            # caption dropout swaps in the cached "" embedding (what the pipeline's CFG negative uses)
+            drop = (torch.rand(len(batch), generator=generator) < cfg.data.caption_dropout).tolist()
+            texts = [empty_embedding if d else load_embedding(s.text_file) for s, d in zip(batch, drop, strict=True)]
             noise = torch.randn(x0.shape, generator=generator).to(device)
             sigmas = sample_sigmas(len(batch), generator, tcfg.timesteps.sampling, shift,
                                    tcfg.timesteps.logit_mean, tcfg.timesteps.logit_std).to(device)

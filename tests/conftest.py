@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads at test time
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet():
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+
+
+@pytest.fixture
+def toy_dataset(tmp_path: Path) -> Path:
+    from ernie_lora.data.toy import write_toy_dataset
+
+    return write_toy_dataset(tmp_path / "data", count=6, size=(32, 32), seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory) -> Path:
+    """The tiny pipeline saved as a local diffusers folder (exercises the real from_pretrained path)."""
+    from ernie_lora.models import build_tiny_pipeline
+
+    folder = tmp_path_factory.mktemp("tiny-model")
+    build_tiny_pipeline(0).save_pretrained(folder)
+    return folder
+
+
+def tiny_config(dataset: Path, cache: Path, **overrides):
+    """A tiny training config (fp32, seconds on a CPU) with section-level overrides."""
+    from ernie_lora.config import TrainRunConfig
+
+    data = {
+        "model": {"name": "tiny", "dtype": "fp32"},
+        "data": {"path": str(dataset), "resolution": 32, "cache_dir": str(cache), "caption_dropout": 0.1},
+        "lora": {"rank": 4, "alpha": 8, "targets": "attn_mlp"},
+        "train": {"steps": 6, "batch_size": 2, "lr": 1e-3, "mixed_precision": "no",
+                  "gradient_checkpointing": False, "seed": 3},
+        "checkpoint": {"every": 2, "keep": 2},
+        "sample": {"every": 0, "prompts": []},
+    }
+    for section, values in overrides.items():
+        data[section] = {**data.get(section, {}), **values}
+    return TrainRunConfig.model_validate(data)
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """Run ``ernie-lora ARGS`` in-process; returns (exit code, stdout, stderr)."""
+    from ernie_lora import cli
+
+    old = sys.argv
+    sys.argv = ["ernie-lora", *args]
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    return code, out.out, out.err

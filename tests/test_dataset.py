@@ -1,0 +1,149 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run_cli
+from ernie_lora.data import check_dataset, load_rgb, make_buckets, nearest_bucket, resize_and_crop
+from ernie_lora.errors import UserError
+
+
+def _img(path: Path, size=(64, 64), mode="RGB", colour=(10, 120, 200)) -> Path:
+    Image.new("RGB", size, colour).convert(mode).save(path)
+    return path
+
+
+def _good(folder: Path, stem: str, colour=(10, 120, 200), size=(64, 64)) -> None:
+    _img(folder / f"{stem}.png", size=size, colour=colour)
+    (folder / f"{stem}.txt").write_text(f'a poster with title "{stem}", blue theme', encoding="utf-8")
+
+
+def _findings(report) -> dict[str, list[tuple[str, str]]]:
+    out: dict[str, list[tuple[str, str]]] = {}
+    for f in report.findings:
+        out.setdefault(f.path, []).append((f.level, f.message))
+    return out
+
+
+def test_every_problem_is_reported_per_file(tmp_path):
+    d = tmp_path / "ds"
+    d.mkdir()
+    _good(d, "ok")
+    (d / "zero.png").write_bytes(b"")
+    (d / "zero.txt").write_text("x")
+    # a noisy image so the PNG has real compressed data to cut
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(d / "trunc.png")
+    data = (d / "trunc.png").read_bytes()
+    (d / "trunc.png").write_bytes(data[: len(data) // 2])
+    (d / "trunc.txt").write_text("x")
+    (d / "garbage.jpg").write_bytes(b"this is not an image at all")
+    (d / "garbage.txt").write_text("x")
+    _img(d / "nocap.png", colour=(1, 2, 3))
+    _img(d / "emptycap.png", colour=(4, 5, 6))
+    (d / "emptycap.txt").write_text("   \n")
+    (d / "orphan.txt").write_text("caption without image")
+    _img(d / "small.png", size=(16, 40), colour=(7, 8, 9))
+    (d / "small.txt").write_text("small")
+    _good(d, "dup")
+    (d / "dup.txt").write_text("same pixels as ok")
+    Image.new("CMYK", (64, 64), (0, 50, 100, 0)).save(d / "cmyk.jpg")
+    (d / "cmyk.txt").write_text("cmyk")
+    Image.fromarray(np.full((64, 64), 40000, dtype=np.uint16)).save(d / "deep.png")
+    (d / "deep.txt").write_text("16 bit")
+    Image.new("RGB", (64, 64), (9, 9, 90)).convert("P").save(d / "pal.png")
+    (d / "pal.txt").write_text("palette")
+    Image.new("RGBA", (64, 64), (9, 200, 9, 100)).save(d / "alpha.png")
+    (d / "alpha.txt").write_text("alpha")
+    _img(d / "latin1.png", colour=(11, 12, 13))
+    (d / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+
+    report = check_dataset(d, min_side=32)
+    f = _findings(report)
+    assert f["zero.png"] == [("error", "zero-byte file")]
+    assert f["trunc.png"][0][0] == "error" and "truncated" in f["trunc.png"][0][1]
+    assert f["garbage.jpg"][0][0] == "error" and "unreadable" in f["garbage.jpg"][0][1]
+    assert f["nocap.png"][0][0] == "error" and "missing caption" in f["nocap.png"][0][1]
+    assert f["emptycap.png"] == [("warning", "empty caption (trains unconditionally)")]
+    assert f["orphan.txt"] == [("warning", "caption without an image")]
+    assert f["small.png"][0][0] == "warning" and "smaller than the smallest bucket" in f["small.png"][0][1]
+    assert any("duplicate image" in m for _, m in f["ok.png"] + f.get("dup.png", []))
+    assert "CMYK" in f["cmyk.jpg"][0][1]
+    assert "16-bit" in f["deep.png"][0][1]
+    assert "palette" in f["pal.png"][0][1]
+    assert "alpha" in f["alpha.png"][0][1]
+    assert f["latin1.txt"][0][0] == "error" and "not UTF-8" in f["latin1.txt"][0][1]
+    usable = {item.image.name for item in report.items}
+    assert {"ok.png", "small.png", "cmyk.jpg", "deep.png", "pal.png", "alpha.png", "emptycap.png"} <= usable
+    assert not usable & {"zero.png", "trunc.png", "garbage.jpg", "nocap.png", "latin1.png"}
+    with pytest.raises(UserError, match=r"problem\(s\) stop training; first: "):
+        report.raise_if_errors()
+
+
+def test_metadata_jsonl_captions_and_bad_lines(tmp_path):
+    d = tmp_path / "ds"
+    d.mkdir()
+    _img(d / "a.png", colour=(1, 1, 1))
+    _img(d / "b.png", colour=(2, 2, 2))
+    rows = [json.dumps({"file_name": "a.png", "text": "caption a"}), "{not json", json.dumps({"text": "no name"}),
+            json.dumps({"file_name": "gone.png", "text": "x"})]
+    (d / "metadata.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    report = check_dataset(d, min_side=32)
+    captions = {i.image.name: i.caption for i in report.items}
+    assert captions == {"a.png": "caption a"}
+    f = _findings(report)
+    assert ("error", "invalid JSON (Expecting property name enclosed in double quotes)") in f["metadata.jsonl:2"]
+    assert ("error", "missing key 'file_name'") in f["metadata.jsonl:3"]
+    assert any("gone.png" in m for _, m in f["metadata.jsonl"])
+    assert f["b.png"][0][0] == "error"
+
+
+def test_empty_and_missing_dataset(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no images found"):
+        check_dataset(tmp_path / "empty").raise_if_errors()
+    with pytest.raises(UserError, match="not a folder"):
+        check_dataset(tmp_path / "nowhere")
+
+
+def test_dataset_check_cli_exit_codes(tmp_path, capsys):
+    d = tmp_path / "ds"
+    d.mkdir()
+    _good(d, "fine")
+    code, out, _ = run_cli(["dataset", "check", str(d), "--resolution", "32"], capsys)
+    assert code == 0 and "1 images, 1 usable, 0 errors" in out
+    (d / "broken.png").write_bytes(b"")
+    code, out, _ = run_cli(["dataset", "check", str(d), "--resolution", "32"], capsys)
+    assert code == 1 and "error: broken.png: zero-byte file" in out
+    assert "error: broken.png: missing caption" in out and "2 errors" in out
+
+
+def test_buckets_fit_the_latent_grid():
+    buckets = make_buckets(1024, 16, max_aspect_ratio := 2.0)
+    assert all(b.width % 16 == 0 and b.height % 16 == 0 for b in buckets)
+    assert all(max(b.ratio, 1 / b.ratio) <= max_aspect_ratio + 1e-9 for b in buckets)
+    assert all(abs(b.width * b.height / 1024**2 - 1) < 0.05 for b in buckets)
+    names = {str(b) for b in buckets}
+    assert {"1024x1024", "1376x768", "768x1360"} <= names
+    assert str(nearest_bucket(1920, 1080, buckets)) == "1360x768"
+    assert str(nearest_bucket(1080, 1920, buckets)) == "768x1360"
+    assert str(nearest_bucket(500, 500, buckets)) == "1024x1024"
+    with pytest.raises(UserError, match="data.resolution"):
+        make_buckets(1000, 16)
+
+
+def test_resize_and_crop_and_rgb_conversion(tmp_path):
+    image = Image.new("RGB", (400, 100), (255, 0, 0))
+    image.paste((0, 0, 255), (0, 0, 100, 100))  # blue quarter on the left
+    bucket = nearest_bucket(400, 100, make_buckets(64, 4, 2.0))  # 2:1, so a 4:1 image is cropped a lot
+    center = resize_and_crop(image, bucket, "center")
+    assert center.size == (bucket.width, bucket.height)
+    assert center.getpixel((0, 0)) == (255, 0, 0)  # the centre crop misses the blue quarter
+    left = [resize_and_crop(image, bucket, "random", __import__("random").Random(s)).getpixel((0, 0)) for s in
+            range(20)]
+    assert len(set(left)) > 1  # random crops differ
+    Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(tmp_path / "clear.png")
+    assert load_rgb(tmp_path / "clear.png").getpixel((0, 0)) == (255, 255, 255)  # alpha over white
+    Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16)).save(tmp_path / "deep.png")
+    assert load_rgb(tmp_path / "deep.png").getpixel((0, 0)) == (255, 255, 255)

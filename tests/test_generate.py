@@ -1,0 +1,106 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import run_cli
+from ernie_lora.generate import LoraSpec, generate, interference_warnings, parse_lora_spec
+from ernie_lora.lora import add_lora, lora_state_dict, save_lora
+from ernie_lora.models import build_tiny_pipeline, load_pipeline
+
+SMALL = dict(width=32, height=32, steps=3, guidance=2.0, dtype="fp32")
+
+
+def make_lora(path, seed=0, rank=4, alpha=8.0, targets=("to_q", "to_k", "to_v", "to_out.0")):
+    transformer = build_tiny_pipeline(0).transformer
+    torch.manual_seed(seed)
+    config = add_lora(transformer, rank, alpha, list(targets))
+    for name, param in transformer.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.2)
+    return save_lora(path, lora_state_dict(transformer), config, {"base_model": "tiny"})
+
+
+def test_pixels_equal_diffusers_own_pipeline_call(tiny_folder, tmp_path):
+    lora = make_lora(tmp_path / "style.safetensors")
+    [path] = generate(["a poster with title \"SALE\""], model=str(tiny_folder), loras=[LoraSpec(lora, 0.8)],
+                      seed=11, out_dir=tmp_path / "out", **SMALL)
+    ours = np.asarray(Image.open(path).convert("RGB"))
+
+    from diffusers import ErnieImagePipeline
+
+    pipe = ErnieImagePipeline.from_pretrained(str(tiny_folder))
+    pipe.load_lora_weights(str(lora), adapter_name="style")
+    pipe.set_adapters(["style"], [0.8])
+    theirs = pipe('a poster with title "SALE"', height=32, width=32, num_inference_steps=3, guidance_scale=2.0,
+                  generator=torch.Generator().manual_seed(11)).images[0]
+    assert np.array_equal(ours, np.asarray(theirs))
+    # and the LoRA changed the image
+    base = pipe.__class__.from_pretrained(str(tiny_folder))
+    plain = base('a poster with title "SALE"', height=32, width=32, num_inference_steps=3, guidance_scale=2.0,
+                 generator=torch.Generator().manual_seed(11)).images[0]
+    assert not np.array_equal(ours, np.asarray(plain))
+
+
+def test_png_metadata_and_no_overwrite(tmp_path):
+    lora = make_lora(tmp_path / "l.safetensors")
+    out = tmp_path / "out"
+    [first] = generate(["hello"], model="tiny", loras=[LoraSpec(lora, 1.1)], seed=5, out_dir=out, **SMALL)
+    text = Image.open(first).text
+    assert text["prompt"] == "hello" and text["seed"] == "5" and text["model"] == "tiny"
+    assert json.loads(text["loras"]) == [{"path": str(lora), "strength": 1.1}]
+    assert text["steps"] == "3" and text["guidance"] == "2.0"
+    before = first.read_bytes()
+    [second] = generate(["hello"], model="tiny", seed=6, out_dir=out, **SMALL)
+    assert second != first and first.read_bytes() == before
+
+
+def test_fused_matches_unfused_and_turbo_defaults(tmp_path):
+    lora = make_lora(tmp_path / "l.safetensors")
+    kw = dict(model="tiny", loras=[LoraSpec(lora, 0.9)], seed=1, **SMALL)
+    [a] = generate(["x"], out_dir=tmp_path / "a", **kw)
+    [b] = generate(["x"], out_dir=tmp_path / "b", fuse=True, **kw)
+    diff = np.abs(np.asarray(Image.open(a), dtype=int) - np.asarray(Image.open(b), dtype=int))
+    assert diff.max() <= 2  # fusing changes only float rounding
+    [t] = generate(["x"], model="tiny", turbo=True, width=32, height=32, dtype="fp32", out_dir=tmp_path / "t")
+    meta = Image.open(t).text
+    assert (meta["steps"], meta["guidance"]) == ("8", "1.0")
+
+
+def test_stacking_several_loras_and_interference_warnings(tmp_path, capsys):
+    paths = [make_lora(tmp_path / f"l{i}.safetensors", seed=i) for i in range(3)]
+    specs = [LoraSpec(p, 0.6) for p in paths]
+    pipe = build_tiny_pipeline(0)
+    generate(["x"], loras=specs, out_dir=tmp_path / "o", pipe=pipe, **SMALL)
+    assert set(pipe.get_active_adapters()) == {"lora_0", "lora_1", "lora_2"}
+    err = capsys.readouterr().err
+    assert "summed LoRA strength 1.80 > 1.5" in err and "3 LoRAs all modify the same" in err
+    assert interference_warnings(specs[:2], [{"a"}, {"a"}]) == []
+
+
+def test_parse_lora_spec():
+    assert parse_lora_spec("a/b.safetensors:0.8").strength == 0.8
+    assert parse_lora_spec("a/b.safetensors").strength == 1.0
+    assert str(parse_lora_spec("weird:name.safetensors").path) == "weird:name.safetensors"
+
+
+def test_cli_generate_and_size_validation(tmp_path, capsys):
+    code, out, _ = run_cli(["generate", "a poster", "-m", "tiny", "--width", "32", "--height", "32", "--steps", "2",
+                            "--dtype", "fp32", "-o", str(tmp_path / "o")], capsys)
+    assert code == 0 and out.strip().endswith(".png")
+    code, _, err = run_cli(["generate", "x", "-m", "tiny", "--width", "30", "--height", "32"], capsys)
+    assert code == 2 and err.strip() == "error: --width: 30 must be a positive multiple of 4 and at most 4096"
+
+
+@pytest.mark.parametrize("pe", [True, False])
+def test_prompt_enhancer_flag_without_pe_weights(tmp_path, capsys, pe):
+    [p] = generate(["x"], model="tiny", use_pe=pe, out_dir=tmp_path, **SMALL)
+    assert Image.open(p).text["prompt_enhancer"] == "False"
+    assert ("has no Prompt Enhancer" in capsys.readouterr().err) == pe
+
+
+def test_load_pipeline_partial_for_generation(tiny_folder):
+    pipe = load_pipeline(str(tiny_folder), dtype="fp32")
+    assert pipe.pe is None  # the 3B Prompt Enhancer is loaded only when asked for
