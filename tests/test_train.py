@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import REPO, tiny_config
 from ernie_lora.config import load_train_config
 from ernie_lora.data.cache import load_embedding, load_latent
-from ernie_lora.flow import model_timesteps, noisy_latents, velocity_target
+from ernie_lora.flow import noisy_latents, predict_velocity, velocity_target
 from ernie_lora.lora import read_lora, set_lora_state
 from ernie_lora.models import build_tiny_pipeline
 from ernie_lora.recipes.lora import train
@@ -101,8 +101,7 @@ def _flow_loss(transformer, cached, seed=0, draws=8) -> float:
                 text = load_embedding(s.text_file)
                 noise = torch.randn(x0.shape, generator=g)
                 sigma = torch.rand(1, generator=g) * 0.8 + 0.1
-                pred = transformer(noisy_latents(x0, noise, sigma), model_timesteps(sigma), text[None],
-                                   torch.tensor([text.shape[0]]), return_dict=False)[0]
+                pred = predict_velocity(transformer, noisy_latents(x0, noise, sigma), sigma, [text])
                 total += torch.nn.functional.mse_loss(pred, velocity_target(x0, noise)).item()
     return total / (draws * len(cached.samples))
 

@@ -57,3 +57,26 @@ def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 def model_timesteps(sigmas: torch.Tensor, num_train_timesteps: int = 1000) -> torch.Tensor:
     """What the transformer is called with: the scheduler's ``timesteps`` are ``sigma * 1000``."""
     return sigmas * num_train_timesteps
+
+
+def predict_velocity(
+    transformer,
+    x_t: torch.Tensor,
+    sigmas: torch.Tensor,
+    text_embeddings: list[torch.Tensor],
+    num_train_timesteps: int = 1000,
+) -> torch.Tensor:
+    """Call the DiT as ``ErnieImagePipeline`` does: padded text with lengths, ``timestep = sigma * 1000``."""
+    from diffusers import ErnieImagePipeline
+
+    dtype = transformer.dtype
+    text_bth, text_lens = ErnieImagePipeline._pad_text(
+        text_embeddings, x_t.device, dtype, transformer.config.text_in_dim
+    )
+    return transformer(
+        hidden_states=x_t.to(dtype),
+        timestep=model_timesteps(sigmas, num_train_timesteps).to(dtype),
+        text_bth=text_bth,
+        text_lens=text_lens,
+        return_dict=False,
+    )[0]

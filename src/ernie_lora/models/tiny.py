@@ -88,21 +88,37 @@ def _wake_zero_init(transformer: ErnieImageTransformer2DModel, std: float = 0.02
         torch.nn.init.normal_(layer.bias, std=std)
 
 
-def build_tiny_pipeline(seed: int = 0) -> ErnieImagePipeline:
-    """Build the tiny ERNIE-Image pipeline, deterministic for a given seed."""
+def build_pipeline_from_configs(
+    text_config: dict,
+    vision_config: dict,
+    vae_config: dict,
+    transformer_config: dict,
+    scheduler_config: dict,
+    seed: int = 0,
+    tokenizer: PreTrainedTokenizerFast | None = None,
+) -> ErnieImagePipeline:
+    """A randomly initialised ERNIE-Image pipeline of the given sizes, deterministic by seed.
+
+    Leaves the global RNG as it found it.
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        text_encoder = Mistral3Model(
-            Mistral3Config(text_config=TINY_TEXT_CONFIG, vision_config=TINY_VISION_CONFIG)
-        ).eval()
-        vae = AutoencoderKLFlux2(**TINY_VAE_CONFIG).eval()
-        transformer = ErnieImageTransformer2DModel(**TINY_TRANSFORMER_CONFIG)
+        text_encoder = Mistral3Model(Mistral3Config(text_config=text_config, vision_config=vision_config)).eval()
+        vae = AutoencoderKLFlux2(**vae_config).eval()
+        transformer = ErnieImageTransformer2DModel(**transformer_config)
         _wake_zero_init(transformer)
         transformer.eval()
     return ErnieImagePipeline(
         transformer=transformer,
         vae=vae,
         text_encoder=text_encoder,
-        tokenizer=build_byte_tokenizer(),
-        scheduler=FlowMatchEulerDiscreteScheduler(**TINY_SCHEDULER_CONFIG),
+        tokenizer=tokenizer or build_byte_tokenizer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(**scheduler_config),
+    )
+
+
+def build_tiny_pipeline(seed: int = 0) -> ErnieImagePipeline:
+    """Build the tiny ERNIE-Image pipeline, deterministic for a given seed."""
+    return build_pipeline_from_configs(
+        TINY_TEXT_CONFIG, TINY_VISION_CONFIG, TINY_VAE_CONFIG, TINY_TRANSFORMER_CONFIG, TINY_SCHEDULER_CONFIG, seed
     )

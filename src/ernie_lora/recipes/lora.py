@@ -31,7 +31,7 @@ from ..data.buckets import make_buckets
 from ..data.cache import CachedDataset, CachedSample, build_caches, load_embedding, load_latent
 from ..data.dataset import CACHE_DIR_NAME, check_dataset
 from ..errors import UserError
-from ..flow import model_timesteps, noisy_latents, sample_sigmas, velocity_target
+from ..flow import noisy_latents, predict_velocity, sample_sigmas, velocity_target
 from ..io import atomic_write_text, sha256_text
 from ..lora import (
     add_lora,
@@ -225,15 +225,8 @@ def train(
             sigmas = sample_sigmas(len(batch), generator, tcfg.timesteps.sampling, shift,
                                    tcfg.timesteps.logit_mean, tcfg.timesteps.logit_std).to(device)
             x_t = noisy_latents(x0, noise, sigmas)
-            text_bth, text_lens = ErnieImagePipeline._pad_text(texts, device, weight_dtype, transformer.text_in_dim)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                pred = transformer(
-                    hidden_states=x_t.to(weight_dtype),
-                    timestep=model_timesteps(sigmas, num_train_timesteps).to(weight_dtype),
-                    text_bth=text_bth,
-                    text_lens=text_lens,
-                    return_dict=False,
-                )[0]
+                pred = predict_velocity(transformer, x_t, sigmas, texts, num_train_timesteps)
             loss = F.mse_loss(pred.float(), velocity_target(x0, noise).float()) / tcfg.grad_accum
             if not torch.isfinite(loss):
                 raise UserError(f"step {step + 1}: loss is {loss.item()}; lower train.lr or use mixed_precision bf16")
