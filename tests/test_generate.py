@@ -104,3 +104,15 @@ def test_prompt_enhancer_flag_without_pe_weights(tmp_path, capsys, pe):
 def test_load_pipeline_partial_for_generation(tiny_folder):
     pipe = load_pipeline(str(tiny_folder), dtype="fp32")
     assert pipe.pe is None  # the 3B Prompt Enhancer is loaded only when asked for
+
+
+def test_cli_prompts_file(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("first prompt\n\nsecond prompt\n", encoding="utf-8")
+    code, out, _ = run_cli(["generate", "--prompts-file", str(prompts), "-m", "tiny", "--width", "32", "--height",
+                            "32", "--steps", "2", "--dtype", "fp32", "-o", str(tmp_path / "o")], capsys)
+    assert code == 0
+    written = out.split()
+    assert len(written) == 2
+    assert [Image.open(p).text["prompt"] for p in written] == ["first prompt", "second prompt"]
+    assert [Image.open(p).text["seed"] for p in written] == ["0", "1"]

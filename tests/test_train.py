@@ -148,3 +148,29 @@ def test_shipped_tiny_config_trains_from_the_repo(tmp_path):
     assert result.steps_done == cfg.train.steps
     assert (tmp_path / "run" / "lora.safetensors").exists() and (tmp_path / "run" / "loss.png").exists()
     assert len(list((tmp_path / "run" / "samples").glob("*.png"))) == 2
+
+
+def test_gradient_checkpointing_trains_the_same_lora(toy_dataset, tmp_path):
+    plain = tiny_config(toy_dataset, tmp_path / "cache", train={"steps": 3}, lora={"dropout": 0.1})
+    ckpt = tiny_config(toy_dataset, tmp_path / "cache", train={"steps": 3, "gradient_checkpointing": True},
+                       lora={"dropout": 0.1})
+    train(plain, tmp_path / "a", progress=False)
+    train(ckpt, tmp_path / "b", progress=False)
+    a, _ = read_lora(tmp_path / "a" / "lora.safetensors")
+    b, _ = read_lora(tmp_path / "b" / "lora.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_base_with_bf16_autocast_trains_fp32_lora_weights(toy_dataset, tmp_path):
+    cfg = tiny_config(toy_dataset, tmp_path / "cache", model={"name": "tiny", "dtype": "bf16"},
+                      train={"steps": 3, "mixed_precision": "bf16", "gradient_checkpointing": True})
+    result = train(cfg, tmp_path / "run", progress=False)
+    assert result.final_loss is not None and torch.isfinite(torch.tensor(result.final_loss))
+    tensors, _ = read_lora(tmp_path / "run" / "lora.safetensors")
+    assert {t.dtype for t in tensors.values()} == {torch.float32}
+    pipe = build_tiny_pipeline(0)
+    pipe.to(dtype=torch.bfloat16)
+    pipe.load_lora_weights(str(tmp_path / "run" / "lora.safetensors"))  # loads into a bf16 pipeline
+    image = pipe("x", height=32, width=32, num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, 32, 32, 3)

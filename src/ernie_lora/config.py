@@ -65,7 +65,8 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(0.01, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     max_grad_norm: float | None = Field(1.0, gt=0)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
+    # bf16 autocast over fp32 LoRA weights; fp16 would need loss scaling, which we do not ship
+    mixed_precision: Literal["no", "bf16"] = "bf16"
     gradient_checkpointing: bool = True
     seed: int = 42
     device: str | None = None  # default: cuda if available, else cpu

@@ -207,7 +207,7 @@ def train(
             return TrainResult(output, step, history[-1][1] if history else None, cached)
 
     sampler = _Sampler(cfg, cached, transformer, device) if cfg.sample.prompts else None
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tcfg.mixed_precision)
+    autocast_dtype = torch.bfloat16 if tcfg.mixed_precision == "bf16" else None
     loss_file = _open_loss_csv(output / "loss.csv", history)
     bar = tqdm(total=tcfg.steps, initial=step, desc="training", unit="step", disable=not progress)
     started, last_loss, start_step = time.perf_counter(), (history[-1][1] if history else None), step
