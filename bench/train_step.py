@@ -28,7 +28,7 @@ import torch
 from ernie_lora.data import check_dataset, make_buckets, nearest_bucket, resize_and_crop
 from ernie_lora.data.cache import build_caches, image_to_tensor, load_embedding, load_latent
 from ernie_lora.data.dataset import load_rgb
-from ernie_lora.data.toy import write_toy_dataset
+from ernie_lora.data.synthetic import write_synthetic_dataset
 from ernie_lora.flow import noisy_latents, predict_velocity, sample_sigmas, velocity_target
 from ernie_lora.lora import add_lora, resolve_targets
 from ernie_lora.models import encode_images
@@ -75,7 +75,7 @@ def run_scale(name: str, steps: int, batch: int, workdir: Path) -> float:
     params = [p for p in pipe.transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     res = spec["resolution"]
-    dataset = write_toy_dataset(workdir / name, count=16, size=(res, res), seed=0)
+    dataset = write_synthetic_dataset(workdir / name, count=16, seed=0, size=res)
     items = check_dataset(dataset, min_side=res).items
     buckets = make_buckets(res, 2 ** len(pipe.vae.config.block_out_channels))
 
@@ -116,7 +116,8 @@ def run_scale(name: str, steps: int, batch: int, workdir: Path) -> float:
             timings[label] += time.perf_counter() - start
         done += block
     ratio = timings["plain"] / timings["cached"]
-    print(f"{name:5s} res {res:4d}  DiT {count(pipe.transformer):6.2f}M  text encoder {count(pipe.text_encoder):6.2f}M  "
+    print(f"{name:5s} res {res:4d}  DiT {count(pipe.transformer):6.2f}M  "
+          f"text encoder {count(pipe.text_encoder):6.2f}M  "
           f"VAE {count(pipe.vae):5.2f}M  | cached {timings['cached'] / done * 1000:8.1f} ms/step  "
           f"plain {timings['plain'] / done * 1000:8.1f} ms/step  | speed-up {ratio:5.2f}x")
     return ratio

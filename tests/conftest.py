@@ -23,10 +23,10 @@ def _quiet():
 
 
 @pytest.fixture
-def toy_dataset(tmp_path: Path) -> Path:
-    from ernie_lora.data.toy import write_toy_dataset
+def poster_dataset(tmp_path: Path) -> Path:
+    from ernie_lora.data.synthetic import write_synthetic_dataset
 
-    return write_toy_dataset(tmp_path / "data", count=6, size=(32, 32), seed=1)
+    return write_synthetic_dataset(tmp_path / "data", count=6, kind="poster", seed=1, size=32)
 
 
 @pytest.fixture(scope="session")

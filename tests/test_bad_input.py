@@ -45,29 +45,31 @@ def test_empty_dataset(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("corrupt, expected", [
-    (lambda d: (d / "poster_000.png").write_bytes(b""), "poster_000.png: zero-byte file"),
-    (lambda d: (d / "poster_001.png").write_bytes((d / "poster_001.png").read_bytes()[:60]), "poster_001.png:"),
-    (lambda d: (d / "poster_002.txt").unlink(), "poster_002.png: missing caption"),
-    (lambda d: (d / "poster_003.txt").write_bytes(b"\xff\xfe bad"), "poster_003.txt: caption is not UTF-8"),
+    (lambda d: (d / "poster_00000.png").write_bytes(b""), "poster_00000.png: zero-byte file"),
+    (lambda d: (d / "poster_00001.png").write_bytes((d / "poster_00001.png").read_bytes()[:60]), "poster_00001.png:"),
+    (lambda d: [(d / "poster_00002.txt").unlink(), (d / "metadata.jsonl").unlink()],
+     "poster_00002.png: missing caption"),
+    (lambda d: (d / "poster_00003.txt").write_bytes(b"\xff\xfe bad"), "poster_00003.txt: caption is not UTF-8"),
 ])
-def test_each_kind_of_corrupt_file_stops_training(toy_dataset, tmp_path, capsys, corrupt, expected):
-    corrupt(toy_dataset)
-    cfg = _config_file(tmp_path, toy_dataset)
+def test_each_kind_of_corrupt_file_stops_training(poster_dataset, tmp_path, capsys, corrupt, expected):
+    corrupt(poster_dataset)
+    cfg = _config_file(tmp_path, poster_dataset)
     line = _one_line_error(*run_cli(["train", str(cfg), "-o", str(tmp_path / "run")], capsys)[::2])
     assert expected in line and "ernie-lora dataset check" in line
     assert not (tmp_path / "run" / "lora.safetensors").exists()
+    assert not (tmp_path / "run" / "config.yaml").exists()  # after fixing the data, the same command works
 
 
 @pytest.mark.parametrize("override, key", [("lora.rank=0", "lora.rank"), ("train.lr=0", "train.lr"),
                                            ("train.lr=-1", "train.lr"), ("lora.rank=-4", "lora.rank")])
-def test_rank_and_lr_must_be_positive(toy_dataset, tmp_path, capsys, override, key):
-    cfg = _config_file(tmp_path, toy_dataset)
+def test_rank_and_lr_must_be_positive(poster_dataset, tmp_path, capsys, override, key):
+    cfg = _config_file(tmp_path, poster_dataset)
     line = _one_line_error(*run_cli(["train", str(cfg), "--set", override, "-o", str(tmp_path / "r")], capsys)[::2])
     assert f"{key}: Input should be greater than 0" in line and "cfg.yaml" in line
 
 
-def test_existing_run_is_refused_and_untouched(toy_dataset, tmp_path, capsys):
-    cfg = _config_file(tmp_path, toy_dataset)
+def test_existing_run_is_refused_and_untouched(poster_dataset, tmp_path, capsys):
+    cfg = _config_file(tmp_path, poster_dataset)
     run = tmp_path / "run"
     assert run_cli(["train", str(cfg), "-o", str(run)], capsys)[0] == 0
     before = _tree_digest(run)
@@ -80,8 +82,8 @@ def test_existing_run_is_refused_and_untouched(toy_dataset, tmp_path, capsys):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002"]
 
 
-def test_resume_needs_a_checkpoint_and_the_same_config(toy_dataset, tmp_path, capsys):
-    cfg = _config_file(tmp_path, toy_dataset)
+def test_resume_needs_a_checkpoint_and_the_same_config(poster_dataset, tmp_path, capsys):
+    cfg = _config_file(tmp_path, poster_dataset)
     line = _one_line_error(*run_cli(["train", str(cfg), "-o", str(tmp_path / "new"), "--resume"], capsys)[::2])
     assert "no checkpoint to resume from" in line
     run_cli(["train", str(cfg), "-o", str(tmp_path / "run")], capsys)
@@ -126,7 +128,7 @@ def test_pickled_lora_is_refused_never_unpickled(tmp_path, capsys, name):
     assert not os.path.exists(marker)
 
 
-def test_missing_lora_file_and_init_from_mismatch(toy_dataset, tmp_path, capsys):
+def test_missing_lora_file_and_init_from_mismatch(poster_dataset, tmp_path, capsys):
     line = _one_line_error(*run_cli(["generate", "x", "-m", "tiny", "--lora", str(tmp_path / "nope.safetensors")],
                                     capsys)[::2])
     assert "nope.safetensors: no such file" in line
@@ -136,7 +138,7 @@ def test_missing_lora_file_and_init_from_mismatch(toy_dataset, tmp_path, capsys)
     from ernie_lora.lora import save_lora
 
     mism = save_lora(tmp_path / "mism.safetensors", tensors)
-    cfg = _config_file(tmp_path, toy_dataset, lora={"init_from": str(mism)})
+    cfg = _config_file(tmp_path, poster_dataset, lora={"init_from": str(mism)})
     code, _, err = run_cli(["train", str(cfg), "-o", str(tmp_path / "run")], capsys)
     line = _one_line_error(code, err)
     assert "lora.init_from" in line and "mism.safetensors does not match the configured adapter" in line

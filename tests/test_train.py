@@ -25,8 +25,8 @@ def _same_lora(a_path, b_path) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_run_writes_lora_plots_samples_and_keeps_last_checkpoints(toy_dataset, tmp_path):
-    cfg = tiny_config(toy_dataset, tmp_path / "cache",
+def test_run_writes_lora_plots_samples_and_keeps_last_checkpoints(poster_dataset, tmp_path):
+    cfg = tiny_config(poster_dataset, tmp_path / "cache",
                       sample={"every": 3, "prompts": ['a poster with title "SALE"', "blue theme"], "steps": 2})
     result = train(cfg, tmp_path / "run", progress=False)
     run = tmp_path / "run"
@@ -47,8 +47,8 @@ def test_run_writes_lora_plots_samples_and_keeps_last_checkpoints(toy_dataset, t
 
 
 @pytest.mark.parametrize("extra", [{}, {"lora": {"dropout": 0.2}, "train": {"grad_accum": 2}}])
-def test_resume_is_bit_exact(toy_dataset, tmp_path, extra):
-    cfg = tiny_config(toy_dataset, tmp_path / "cache", **extra)
+def test_resume_is_bit_exact(poster_dataset, tmp_path, extra):
+    cfg = tiny_config(poster_dataset, tmp_path / "cache", **extra)
     train(cfg, tmp_path / "straight", progress=False)
     # stopped after step 3; the last checkpoint is step 2, so step 3 is redone after the resume
     train(cfg, tmp_path / "resumed", stop_after=3, progress=False)
@@ -58,10 +58,10 @@ def test_resume_is_bit_exact(toy_dataset, tmp_path, extra):
     assert (tmp_path / "straight" / "loss.csv").read_text() == (tmp_path / "resumed" / "loss.csv").read_text()
 
 
-def test_killed_process_resumes_to_identical_weights(toy_dataset, tmp_path):
+def test_killed_process_resumes_to_identical_weights(poster_dataset, tmp_path):
     """A real SIGKILL mid-run (whatever it interrupts), then --resume, equals an uninterrupted run."""
     overrides = {"train": {"steps": 40}, "checkpoint": {"every": 3, "keep": 2}}
-    cfg = tiny_config(toy_dataset, tmp_path / "cache", **overrides)
+    cfg = tiny_config(poster_dataset, tmp_path / "cache", **overrides)
     config_file = tmp_path / "cfg.yaml"
     config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     run = tmp_path / "killed"
@@ -79,13 +79,13 @@ def test_killed_process_resumes_to_identical_weights(toy_dataset, tmp_path):
     assert _same_lora(tmp_path / "straight" / "lora.safetensors", run / "lora.safetensors")
 
 
-def test_caption_dropout_uses_the_cached_empty_embedding(toy_dataset, tmp_path):
+def test_caption_dropout_uses_the_cached_empty_embedding(poster_dataset, tmp_path):
     """Dropout 1.0 on real captions trains exactly like dropout 0.0 on empty captions."""
-    dropped = train(tiny_config(toy_dataset, tmp_path / "c1", data={"caption_dropout": 1.0}), tmp_path / "a",
+    dropped = train(tiny_config(poster_dataset, tmp_path / "c1", data={"caption_dropout": 1.0}), tmp_path / "a",
                     progress=False)
-    for txt in toy_dataset.glob("*.txt"):
+    for txt in poster_dataset.glob("*.txt"):
         txt.write_text("")
-    empty = train(tiny_config(toy_dataset, tmp_path / "c2", data={"caption_dropout": 0.0}), tmp_path / "b",
+    empty = train(tiny_config(poster_dataset, tmp_path / "c2", data={"caption_dropout": 0.0}), tmp_path / "b",
                   progress=False)
     assert _same_lora(tmp_path / "a" / "lora.safetensors", tmp_path / "b" / "lora.safetensors")
     assert dropped.final_loss == empty.final_loss
@@ -106,8 +106,8 @@ def _flow_loss(transformer, cached, seed=0, draws=8) -> float:
     return total / (draws * len(cached.samples))
 
 
-def test_training_lowers_the_flow_loss_on_its_data(toy_dataset, tmp_path):
-    cfg = tiny_config(toy_dataset, tmp_path / "cache", train={"steps": 60, "lr": 1e-2},
+def test_training_lowers_the_flow_loss_on_its_data(poster_dataset, tmp_path):
+    cfg = tiny_config(poster_dataset, tmp_path / "cache", train={"steps": 60, "lr": 1e-2},
                       data={"caption_dropout": 0.0}, checkpoint={"every": 60})
     result = train(cfg, tmp_path / "run", progress=False)
     pipe = build_tiny_pipeline(0)
@@ -117,8 +117,8 @@ def test_training_lowers_the_flow_loss_on_its_data(toy_dataset, tmp_path):
     assert after < 0.92 * before, (before, after)  # measured: 0.87
 
 
-def test_lora_loads_unchanged_in_diffusers_and_alpha_is_honoured(toy_dataset, tmp_path):
-    cfg = tiny_config(toy_dataset, tmp_path / "cache", lora={"rank": 4, "alpha": 2})
+def test_lora_loads_unchanged_in_diffusers_and_alpha_is_honoured(poster_dataset, tmp_path):
+    cfg = tiny_config(poster_dataset, tmp_path / "cache", lora={"rank": 4, "alpha": 2})
     train(cfg, tmp_path / "run", progress=False)
     path = tmp_path / "run" / "lora.safetensors"
     pipe = build_tiny_pipeline(0)
@@ -150,9 +150,9 @@ def test_shipped_tiny_config_trains_from_the_repo(tmp_path):
     assert len(list((tmp_path / "run" / "samples").glob("*.png"))) == 2
 
 
-def test_gradient_checkpointing_trains_the_same_lora(toy_dataset, tmp_path):
-    plain = tiny_config(toy_dataset, tmp_path / "cache", train={"steps": 3}, lora={"dropout": 0.1})
-    ckpt = tiny_config(toy_dataset, tmp_path / "cache", train={"steps": 3, "gradient_checkpointing": True},
+def test_gradient_checkpointing_trains_the_same_lora(poster_dataset, tmp_path):
+    plain = tiny_config(poster_dataset, tmp_path / "cache", train={"steps": 3}, lora={"dropout": 0.1})
+    ckpt = tiny_config(poster_dataset, tmp_path / "cache", train={"steps": 3, "gradient_checkpointing": True},
                        lora={"dropout": 0.1})
     train(plain, tmp_path / "a", progress=False)
     train(ckpt, tmp_path / "b", progress=False)
@@ -162,8 +162,8 @@ def test_gradient_checkpointing_trains_the_same_lora(toy_dataset, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
-def test_bf16_base_with_bf16_autocast_trains_fp32_lora_weights(toy_dataset, tmp_path):
-    cfg = tiny_config(toy_dataset, tmp_path / "cache", model={"name": "tiny", "dtype": "bf16"},
+def test_bf16_base_with_bf16_autocast_trains_fp32_lora_weights(poster_dataset, tmp_path):
+    cfg = tiny_config(poster_dataset, tmp_path / "cache", model={"name": "tiny", "dtype": "bf16"},
                       train={"steps": 3, "mixed_precision": "bf16", "gradient_checkpointing": True})
     result = train(cfg, tmp_path / "run", progress=False)
     assert result.final_loss is not None and torch.isfinite(torch.tensor(result.final_loss))

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import UserError
+
+_M = TypeVar("_M", bound=BaseModel)
 
 
 class _Strict(BaseModel):
@@ -126,8 +128,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainRunConfig:
-    """Load and validate a training YAML. Relative data paths are resolved against the file's folder."""
+def load_yaml_model(path: str | Path, model: type[_M], overrides: list[str] | None = None) -> _M:
+    """Load a YAML file into a pydantic model; every problem is one line naming the file and the key."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config {path}: no such file")
@@ -143,9 +145,15 @@ def load_train_config(path: str | Path, overrides: list[str] | None = None) -> T
         raise UserError(f"config {path}: the top level must be a mapping of sections")
     data = apply_overrides(data, overrides or [])
     try:
-        cfg = TrainRunConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         raise UserError(_format_error(f"config {path}", exc)) from None
+
+
+def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainRunConfig:
+    """Load and validate a training YAML. Relative data paths are resolved against the file's folder."""
+    path = Path(path)
+    cfg = load_yaml_model(path, TrainRunConfig, overrides)
     base = path.parent
     if not Path(cfg.data.path).is_absolute():
         cfg.data.path = str((base / cfg.data.path).resolve())

@@ -103,8 +103,8 @@ def generate(
     steps: int | None = None,
     guidance: float | None = None,
     seed: int = 0,
-    width: int = 1024,
-    height: int = 1024,
+    width: int | None = None,
+    height: int | None = None,
     turbo: bool = False,
     use_pe: bool = False,
     negative_prompt: str = "",
@@ -128,6 +128,8 @@ def generate(
     if pipe is None:
         pipe = load_pipeline(model, dtype=dtype, device=device, with_pe=use_pe)
     multiple = pipe.vae_scale_factor * pipe.transformer.config.patch_size
+    native = int(pipe.vae.config.get("sample_size", 1024))  # 1024 for ERNIE-Image, 64 for micro
+    width, height = width or native, height or native
     validate_size(width, height, multiple)
     if use_pe and getattr(pipe, "pe", None) is None:
         print(f"warning: {model} has no Prompt Enhancer; generating without it", file=sys.stderr)

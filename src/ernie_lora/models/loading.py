@@ -1,6 +1,7 @@
 """Load ERNIE-Image pipelines and components through diffusers' own classes.
 
 A model name is one of:
+- ``micro``: micro ERNIE, pretrained on the synthetic layout world, weights shipped in the package;
 - ``tiny`` or ``tiny:SEED``: the random tiny pipeline (tests, no download);
 - a local diffusers folder (``model_index.json`` inside);
 - a Hugging Face hub id such as ``baidu/ERNIE-Image`` or ``baidu/ERNIE-Image-Turbo``.
@@ -53,6 +54,18 @@ def tiny_seed(name: str) -> int | None:
     return None
 
 
+def resolve_name(name: str) -> str:
+    """``micro`` -> the shipped folder; every other name is returned as given."""
+    if name != "micro":
+        return name
+    from .micro_arch import MICRO_DIR
+
+    if not (MICRO_DIR / "model_index.json").exists():
+        raise UserError(f"model 'micro': its weights are missing from {MICRO_DIR}; re-create them with "
+                        "`ernie-lora pretrain-micro configs/micro-pretrain.yaml --output " + str(MICRO_DIR) + "`")
+    return str(MICRO_DIR)
+
+
 def _is_local(name: str) -> bool:
     return Path(name).expanduser().exists()
 
@@ -80,6 +93,7 @@ def load_pipeline(
     The Prompt Enhancer (a 3B LLM) is loaded only with ``with_pe``.
     """
     torch_dtype = parse_dtype(dtype)
+    name = resolve_name(name)
     wanted = set(COMPONENTS if components is None else components)
     if with_pe:
         wanted |= {"pe", "pe_tokenizer"}
@@ -120,6 +134,7 @@ def load_transformer(
 ) -> ErnieImageTransformer2DModel:
     """Load only the DiT (what training from cached latents and embeddings needs)."""
     torch_dtype = parse_dtype(dtype)
+    name = resolve_name(name)
     if tiny_seed(name) is not None:
         return load_pipeline(name, dtype=torch_dtype, device=device, components=("transformer",)).transformer
     source = str(Path(name).expanduser()) if _is_local(name) else name
@@ -143,6 +158,7 @@ def component_fingerprint(name: str, component: str, revision: str | None = None
     and revision.
     """
     h = hashlib.sha256(f"{component}|".encode())
+    name = resolve_name(name)
     if tiny_seed(name) is not None:
         h.update(f"{name}|{json.dumps(_tiny_configs(), sort_keys=True, default=str)}".encode())
         return h.hexdigest()[:16]
@@ -183,6 +199,7 @@ def _tiny_configs() -> dict:
 
 def load_component_config(name: str, component: str, revision: str | None = None) -> dict:
     """A component's config.json (no weights loaded): e.g. the scheduler's shift, the VAE's block count."""
+    name = resolve_name(name)
     seed = tiny_seed(name)
     if seed is not None:
         from . import tiny

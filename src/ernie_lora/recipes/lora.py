@@ -142,7 +142,6 @@ def train(
     config_dict = cfg.model_dump(mode="json")
     if resume:
         check_resume_config(output, config_dict)
-    atomic_write_text(output / "config.yaml", dump_config(cfg))
     tcfg, device = cfg.train, pick_device(cfg.train.device)
 
     # -- 1. data: check, bucket, cache ---------------------------------------------------------------
@@ -206,6 +205,8 @@ def train(
             print(f"{output}: already complete at step {step}; nothing to do (raise train.steps to go on)")
             return TrainResult(output, step, history[-1][1] if history else None, cached)
 
+    # written only now: a run that failed on its data or model leaves no run behind to refuse later
+    atomic_write_text(output / "config.yaml", dump_config(cfg))
     sampler = _Sampler(cfg, cached, transformer, device) if cfg.sample.prompts else None
     autocast_dtype = torch.bfloat16 if tcfg.mixed_precision == "bf16" else None
     loss_file = _open_loss_csv(output / "loss.csv", history)

@@ -1,0 +1,1 @@
+"""Evaluation: layout fidelity (later: OCR text accuracy, aesthetic score, reports)."""
