@@ -51,3 +51,24 @@ def test_micro_follows_layouts_of_seen_concepts(micro):
 
 def test_micro_does_not_know_the_held_out_colours(micro):
     assert _fidelity(micro, HELD_OUT["colours"], n=8) < 0.35
+
+
+def test_pretraining_is_reproducible_from_its_seed(tmp_path):
+    from safetensors.torch import load_file
+
+    from ernie_lora.recipes.pretrain_micro import MicroPretrainConfig, pretrain_micro
+
+    cfg = MicroPretrainConfig(images=48, vae_steps=3, vae_batch=4, dit_steps=3, dit_batch=4, warmup_steps=1,
+                              eval_count=2, eval_steps=2)
+    pretrain_micro(cfg, tmp_path / "a")
+    pretrain_micro(cfg, tmp_path / "b")
+    for part in ("transformer/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
+        a, b = load_file(tmp_path / "a" / part), load_file(tmp_path / "b" / part)
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+    other = pretrain_micro(cfg.model_copy(update={"seed": 1}), tmp_path / "c")
+    assert other["parameters"]["transformer"] > 0
+    c = load_file(tmp_path / "c" / "transformer/diffusion_pytorch_model.safetensors")
+    a = load_file(tmp_path / "a" / "transformer/diffusion_pytorch_model.safetensors")
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    with pytest.raises(Exception, match="already holds a model"):
+        pretrain_micro(cfg, tmp_path / "a")
