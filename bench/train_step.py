@@ -7,12 +7,13 @@ same model, same run; the two loops alternate in blocks so machine noise hits bo
 
 Model scales (all ERNIE-Image classes, random weights):
 - ``tiny``: the test model (DiT 0.2M params, text encoder 0.05M, VAE 0.2M) on 32x32 images;
+- ``micro``: the shipped micro ERNIE (DiT 1.0M, text encoder 0.1M, VAE 0.24M) on 64x64 images;
 - ``cpu``: a CPU-sized model (DiT ~6M, 4 layers; text encoder ~3M; VAE with the real block layout
   at a quarter of its channels) on 128x128 images.
 At the 8B scale the encoders are a small share of a step's FLOPs; the script prints that estimate
 too, so the measured ratio is not read as an 8B speed-up.
 
-    python bench/train_step.py [--steps 20] [--scales tiny,cpu]
+    python bench/train_step.py [--steps 20] [--scales tiny,micro,cpu]
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ from ernie_lora.data.dataset import load_rgb
 from ernie_lora.data.synthetic import write_synthetic_dataset
 from ernie_lora.flow import noisy_latents, predict_velocity, sample_sigmas, velocity_target
 from ernie_lora.lora import add_lora, resolve_targets
-from ernie_lora.models import encode_images
+from ernie_lora.models import encode_images, load_pipeline
 from ernie_lora.models import tiny as tiny_module
 
 SCALES = {
     "tiny": dict(resolution=32, build=lambda: tiny_module.build_tiny_pipeline(0)),
+    "micro": dict(resolution=64, build=lambda: load_pipeline("micro", dtype="fp32")),
     "cpu": dict(
         resolution=128,
         build=lambda: tiny_module.build_pipeline_from_configs(
@@ -141,7 +143,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--scales", default="tiny,cpu")
+    parser.add_argument("--scales", default="tiny,micro,cpu")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     from diffusers.utils import logging as dlog
