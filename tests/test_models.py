@@ -63,6 +63,8 @@ def test_missing_hub_weights_say_how_to_fetch_them(monkeypatch):
 def test_bad_model_names():
     with pytest.raises(UserError, match="not a local folder"):
         load_pipeline("no-such-model")
+    with pytest.raises(UserError, match="not a local folder"):
+        load_transformer("no-such-model")
     with pytest.raises(UserError, match="integer seed"):
         load_pipeline("tiny:abc")
 

@@ -28,8 +28,11 @@ CONCEPT = {"kind": "poster", "colour": "purple"}
 SAMPLING = dict(steps=24, guidance=3.0, width=64, height=64, dtype="fp32", seed=1000)
 
 
-def _scores(folder: Path) -> list[float]:
-    return [score.score for _, _, score in score_folder(folder) if score is not None]
+def _scores(folder: Path) -> tuple[list[float], dict[str, float]]:
+    """Fidelity per image, and the mean of each check across the folder."""
+    scores = [score for _, _, score in score_folder(folder) if score is not None]
+    checks = {name: statistics.mean(s.checks[name] for s in scores) for name in scores[0].checks} if scores else {}
+    return [s.score for s in scores], checks
 
 
 def run_demo(output: Path, steps: int = 300, count: int = 50, eval_count: int = 16, seed: int = 0) -> dict:
@@ -49,7 +52,7 @@ def run_demo(output: Path, steps: int = 300, count: int = 50, eval_count: int = 
 
     t = time.perf_counter()
     before = generate(prompts, model="micro", out_dir=output / "before", **SAMPLING)
-    before_scores = _scores(output / "before")
+    before_scores, before_checks = _scores(output / "before")
     phases["sample before"] = time.perf_counter() - t
     print(f"before: median layout fidelity {statistics.median(before_scores):.3f} on {eval_count} fresh prompts")
 
@@ -71,7 +74,7 @@ def run_demo(output: Path, steps: int = 300, count: int = 50, eval_count: int = 
     t = time.perf_counter()
     after = generate(prompts, model="micro", loras=[LoraSpec(run / "lora.safetensors", 1.0)],
                      out_dir=output / "after", **SAMPLING)
-    after_scores = _scores(output / "after")
+    after_scores, after_checks = _scores(output / "after")
     phases["sample after"] = time.perf_counter() - t
 
     shown = min(8, eval_count)
@@ -82,6 +85,8 @@ def run_demo(output: Path, steps: int = 300, count: int = 50, eval_count: int = 
         "before_median": statistics.median(before_scores),
         "after_median": statistics.median(after_scores),
         "before_mean": statistics.mean(before_scores),
+        "before_checks": before_checks,
+        "after_checks": after_checks,
         "after_mean": statistics.mean(after_scores),
         "steps": result.steps_done,
         "final_loss": result.final_loss,
@@ -100,6 +105,13 @@ def run_demo(output: Path, steps: int = 300, count: int = 50, eval_count: int = 
         "|---|---|---|",
         f"| before (micro) | {summary['before_median']:.3f} | {summary['before_mean']:.3f} |",
         f"| after (micro + LoRA) | {summary['after_median']:.3f} | {summary['after_mean']:.3f} |",
+        "",
+        "Mean of each check (each check looks for its element in the asked colour, so a band in the "
+        "wrong colour fails its position and shape too):",
+        "",
+        "| check | before | after |",
+        "|---|---|---|",
+        *[f"| {name} | {before_checks[name]:.2f} | {after_checks.get(name, 0.0):.2f} |" for name in before_checks],
         "",
         "Files: `before_after.png` (top row before, bottom row after), `run/loss.png`, `run/samples/`, "
         "`run/lora.safetensors`, `before/` and `after/` (PNGs with their prompts in the metadata).",

@@ -19,7 +19,7 @@ from PIL.PngImagePlugin import PngInfo
 from . import __version__
 from .errors import UserError
 from .io import atomic_write
-from .lora import check_lora_fits, read_lora
+from .lora import check_lora_fits, read_lora_shapes
 from .models.loading import BASE_MODEL, TURBO_MODEL, load_pipeline
 
 TURBO_STEPS, TURBO_GUIDANCE = 8, 1.0
@@ -77,12 +77,15 @@ def _free_path(folder: Path, stem: str) -> Path:
 
 
 def load_loras(pipe, loras: list[LoraSpec], fuse: bool = False) -> list[str]:
-    """Load LoRA files into the pipeline at their strengths; returns warnings to show."""
+    """Load LoRA files into the pipeline at their strengths; returns warnings to show.
+
+    Each file's header is checked against the model first; diffusers then reads the tensors once.
+    """
     names, module_sets = [], []
     for i, spec in enumerate(loras):
-        state_dict, _ = read_lora(spec.path)
-        check_lora_fits(spec.path, state_dict, pipe.transformer)
-        module_sets.append({k.split(".lora_")[0] for k in state_dict})
+        shapes, _ = read_lora_shapes(spec.path)
+        check_lora_fits(spec.path, shapes, pipe.transformer)
+        module_sets.append({k.split(".lora_")[0] for k in shapes})
         name = f"lora_{i}"
         pipe.load_lora_weights(str(spec.path), adapter_name=name)
         names.append(name)
@@ -123,7 +126,7 @@ def generate(
         raise UserError(f"--steps: {steps} must be > 0")
     loras = loras or []
     for spec in loras:
-        read_lora(spec.path)  # fail on a bad file before loading an 8B model
+        read_lora_shapes(spec.path)  # fail on a bad file before loading an 8B model (header only)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if pipe is None:
         pipe = load_pipeline(model, dtype=dtype, device=device, with_pe=use_pe)

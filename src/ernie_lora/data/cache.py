@@ -62,8 +62,7 @@ def _save(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     atomic_write(path, lambda tmp: save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp))
 
 
-def _free(pipe) -> None:
-    del pipe
+def _release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -103,7 +102,8 @@ def build_caches(
             image = resize_and_crop(load_rgb(item.image), bucket, crop, random.Random(item.sha256))
             latent = encode_images(pipe.vae, image_to_tensor(image))[0]
             _save(lat, {"latent": latent})
-        _free(pipe)
+        del pipe  # the VAE leaves memory before the text encoder arrives
+        _release_memory()
 
     missing_texts = [t for t in texts if not text_files[t].exists()]
     if missing_texts:
@@ -114,7 +114,8 @@ def build_caches(
             # exactly the pipeline's own encoding (second-to-last hidden state, BOS, truncation)
             hidden = pipe.encode_prompt(text, device=pipe.text_encoder.device)[0]
             _save(text_files[text], {"embedding": hidden})
-        _free(pipe)
+        del pipe  # training runs with the text encoder unloaded
+        _release_memory()
 
     samples = [CachedSample(lat, text_files[item.caption], bucket, item.caption) for item, bucket, lat in planned]
     return CachedDataset(

@@ -120,6 +120,17 @@ def _check_safetensors(path: Path) -> None:
         raise UserError(f"LoRA {path}: not a valid safetensors file (bad header)")
 
 
+def read_lora_shapes(path: str | Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """Keys, shapes and header metadata of a LoRA file, without reading its tensors."""
+    path = Path(path)
+    _check_safetensors(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as exc:
+        raise UserError(f"LoRA {path}: cannot read ({exc})") from None
+
+
 def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a LoRA safetensors file (never unpickles anything): tensors and header metadata."""
     path = Path(path)
@@ -133,11 +144,11 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
     return tensors, metadata
 
 
-def check_lora_fits(path: str | Path, state_dict: dict[str, torch.Tensor], transformer: torch.nn.Module) -> None:
-    """Raise one line listing the first keys or shapes that do not match the transformer."""
+def check_lora_fits(path: str | Path, shapes: dict[str, tuple[int, ...]], transformer: torch.nn.Module) -> None:
+    """Raise one line listing the first keys or shapes (``read_lora_shapes``) that do not match the transformer."""
     modules = dict(transformer.named_modules())
     problems: list[str] = []
-    for key, tensor in state_dict.items():
+    for key, shape in shapes.items():
         name = key.removeprefix("transformer.").removeprefix("diffusion_model.").removeprefix("base_model.model.")
         if ".lora_A." in name:
             module_name, which = name.split(".lora_A.")[0], "A"
@@ -153,11 +164,9 @@ def check_lora_fits(path: str | Path, state_dict: dict[str, torch.Tensor], trans
             continue
         expected_in = base.in_features if which == "A" else None
         expected_out = base.out_features if which == "B" else None
-        if tensor.dim() != 2 or (expected_in and tensor.shape[1] != expected_in) or (
-            expected_out and tensor.shape[0] != expected_out
-        ):
+        if len(shape) != 2 or (expected_in and shape[1] != expected_in) or (expected_out and shape[0] != expected_out):
             want = f"[r, {base.in_features}]" if which == "A" else f"[{base.out_features}, r]"
-            problems.append(f"{key} shape {list(tensor.shape)} != {want}")
+            problems.append(f"{key} shape {list(shape)} != {want}")
     if problems:
         shown = "; ".join(problems[:3])
         more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""

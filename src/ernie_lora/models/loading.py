@@ -70,6 +70,18 @@ def _is_local(name: str) -> bool:
     return Path(name).expanduser().exists()
 
 
+def _source(name: str) -> str:
+    """What from_pretrained gets: a local folder path, or a hub id of the form owner/name."""
+    if _is_local(name):
+        return str(Path(name).expanduser())
+    if "/" not in name:
+        raise UserError(
+            f"model {name!r}: not a local folder, not a hub id (owner/name), not 'micro' or 'tiny'; "
+            f"try {BASE_MODEL} or {TURBO_MODEL}"
+        )
+    return name
+
+
 def _missing_weights_error(name: str, cause: Exception) -> UserError:
     return UserError(
         f"model {name!r}: weights not found locally and could not be downloaded "
@@ -110,12 +122,7 @@ def load_pipeline(
         return pipe.to(device)
     # diffusers skips a component passed as None; that is how a partial pipeline is loaded.
     skip = {comp: None for comp in COMPONENTS if comp not in wanted}
-    source = str(Path(name).expanduser()) if _is_local(name) else name
-    if not _is_local(name) and "/" not in name:
-        raise UserError(
-            f"model {name!r}: not a local folder, not a hub id (owner/name) and not 'tiny'; "
-            f"try {BASE_MODEL} or {TURBO_MODEL}"
-        )
+    source = _source(name)
     try:
         pipe = ErnieImagePipeline.from_pretrained(source, dtype=torch_dtype, revision=revision, **skip)
     except (OSError, ValueError) as exc:
@@ -137,7 +144,7 @@ def load_transformer(
     name = resolve_name(name)
     if tiny_seed(name) is not None:
         return load_pipeline(name, dtype=torch_dtype, device=device, components=("transformer",)).transformer
-    source = str(Path(name).expanduser()) if _is_local(name) else name
+    source = _source(name)
     try:
         model = ErnieImageTransformer2DModel.from_pretrained(
             source, subfolder="transformer", dtype=torch_dtype, revision=revision

@@ -171,7 +171,7 @@ def train(
     peft_config = add_lora(transformer, cfg.lora.rank, cfg.lora.alpha, targets, cfg.lora.dropout)
     if cfg.lora.init_from:
         init_sd, _ = read_lora(cfg.lora.init_from)
-        check_lora_fits(cfg.lora.init_from, init_sd, transformer)
+        check_lora_fits(cfg.lora.init_from, {k: tuple(v.shape) for k, v in init_sd.items()}, transformer)
         set_lora_state(transformer, init_sd, f"lora.init_from {cfg.lora.init_from}")
     params = [p for p in transformer.parameters() if p.requires_grad]
     for p in params:
