@@ -31,7 +31,16 @@ class DataConfig(_Strict):
     bucket_multiple: int | None = Field(None, gt=0)  # default: what the model needs (16 for ERNIE-Image)
     crop: Literal["center", "random"] = "center"
     caption_dropout: float = Field(0.05, ge=0.0, le=1.0)
+    # one drawn per sample and step: the same caption worded as users write prompts (ERNIE-Image SFT)
+    caption_styles: list[Literal["natural", "keyword", "instruction"]] = ["natural"]
     cache_dir: str | None = None  # default: <dataset>/.ernie_lora_cache
+
+    @field_validator("caption_styles")
+    @classmethod
+    def _styles_unique(cls, v: list[str]) -> list[str]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError("must list each style once, at least one")
+        return v
 
 
 class LoraConfig(_Strict):

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..captions import restyle
 from ..io import atomic_write, sha256_text
 from ..models import encode_images, load_pipeline
 from ..models.loading import component_fingerprint
@@ -30,9 +31,13 @@ from .dataset import Item, load_rgb
 @dataclass
 class CachedSample:
     latent_file: Path
-    text_file: Path
+    text_files: list[Path]  # one embedding per caption style, in the configured order
     bucket: Bucket
     caption: str
+
+    @property
+    def text_file(self) -> Path:
+        return self.text_files[0]
 
 
 @dataclass
@@ -80,8 +85,12 @@ def build_caches(
     text_dtype: str = "bf16",
     device: str | torch.device = "cpu",
     revision: str | None = None,
+    styles: tuple[str, ...] | list[str] = ("natural",),
 ) -> CachedDataset:
-    """Encode whatever is not cached yet; return where every sample's latent and embedding lies."""
+    """Encode whatever is not cached yet; return where every sample's latent and embedding lies.
+
+    Each caption is embedded once per style in ``styles`` (``captions.restyle``).
+    """
     cache_dir = Path(cache_dir)
     vae_fp = component_fingerprint(model, "vae", revision)
     te_fp = component_fingerprint(model, "text_encoder", revision)
@@ -92,7 +101,8 @@ def build_caches(
         lat = cache_dir / "latents" / f"{latent_key(item, vae_fp, bucket, crop)}.safetensors"
         planned.append((item, bucket, lat))
 
-    texts = sorted({item.caption for item in items} | {""} | set(prompts or []))
+    worded = {(item.caption, style): restyle(item.caption, style) for item in items for style in styles}
+    texts = sorted(set(worded.values()) | {""} | set(prompts or []))
     text_files = {t: cache_dir / "text" / f"{text_key(t, te_fp)}.safetensors" for t in texts}
 
     todo = [(item, bucket, lat) for item, bucket, lat in planned if not lat.exists()]
@@ -117,7 +127,10 @@ def build_caches(
         del pipe  # training runs with the text encoder unloaded
         _release_memory()
 
-    samples = [CachedSample(lat, text_files[item.caption], bucket, item.caption) for item, bucket, lat in planned]
+    samples = [
+        CachedSample(lat, [text_files[worded[item.caption, style]] for style in styles], bucket, item.caption)
+        for item, bucket, lat in planned
+    ]
     return CachedDataset(
         samples=samples,
         empty_text_file=text_files[""],

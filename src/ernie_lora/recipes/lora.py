@@ -156,6 +156,7 @@ def train(
     cached = build_caches(
         report.items, buckets, cache_dir, cfg.model.name, crop=cfg.data.crop, prompts=cfg.sample.prompts,
         vae_dtype=cfg.model.vae_dtype, text_dtype=cfg.model.dtype, device=device, revision=cfg.model.revision,
+        styles=cfg.data.caption_styles,
     )
 
     # -- 2. model: the DiT alone, a LoRA on it --------------------------------------------------------
@@ -221,7 +222,12 @@ def train(
             x0 = torch.stack([load_latent(s.latent_file) for s in batch]).to(device, torch.float32)
             # caption dropout swaps in the cached "" embedding (what the pipeline's CFG negative uses)
             drop = (torch.rand(len(batch), generator=generator) < cfg.data.caption_dropout).tolist()
-            texts = [empty_embedding if d else load_embedding(s.text_file) for s, d in zip(batch, drop, strict=True)]
+            n_styles = len(cfg.data.caption_styles)  # one style per sample, drawn only when there is a choice
+            style = [0] * len(batch)
+            if n_styles > 1:
+                style = torch.randint(n_styles, (len(batch),), generator=generator).tolist()
+            texts = [empty_embedding if d else load_embedding(s.text_files[k])
+                     for s, d, k in zip(batch, drop, style, strict=True)]
             noise = torch.randn(x0.shape, generator=generator).to(device)
             sigmas = sample_sigmas(len(batch), generator, tcfg.timesteps.sampling, shift,
                                    tcfg.timesteps.logit_mean, tcfg.timesteps.logit_std).to(device)

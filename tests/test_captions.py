@@ -1,0 +1,88 @@
+import random
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from ernie_lora.captions import STYLES, CaptionSchema, Element, parse, render, restyle
+from ernie_lora.captions.schema import content_words
+from ernie_lora.data.cache import load_embedding
+from ernie_lora.data.synthetic import caption, sample_layout
+from ernie_lora.models import build_tiny_pipeline
+from ernie_lora.recipes.lora import train
+
+SCHEMAS = [
+    CaptionSchema("poster", [Element("title", "AI Summit 2026", "top", size="large", weight="bold"),
+                             Element("subtitle", "Beijing, May 2026", "center"),
+                             Element("label", "FREE ENTRY", "bottom-right")], theme="blue", layout="centered"),
+    CaptionSchema("comic", [Element("caption", "Meanwhile...", panel=1), Element("caption", "Boom!", panel=3)],
+                  theme="yellow", panels=3, reading_order="left to right"),
+    CaptionSchema("infographic", [Element("heading", "Q3 results", "top-left"), Element("body", "+12%", "center")],
+                  layout="grid", colours=["green", "white"]),
+    CaptionSchema("ui", [Element("button", "Sign up", "bottom")], theme="dark"),
+]
+
+
+@pytest.mark.parametrize("schema", SCHEMAS, ids=[s.kind for s in SCHEMAS])
+@pytest.mark.parametrize("style", STYLES)
+def test_every_style_renders_the_same_schema_and_parses_back(schema, style):
+    text = render(schema, style)
+    back = parse(text)
+    assert back.kind == schema.kind and back.elements == schema.elements
+    assert (back.theme, back.layout, back.panels, back.reading_order) == (
+        schema.theme, schema.layout, schema.panels, schema.reading_order)
+
+
+def test_styles_read_as_users_write():
+    schema = SCHEMAS[0]
+    assert render(schema, "natural").startswith('a poster with large bold title "AI Summit 2026" at the top')
+    assert render(schema, "keyword").startswith('poster, large bold title: "AI Summit 2026" at the top')
+    assert render(schema, "instruction").startswith('Design a poster. Place the large bold title "AI Summit 2026"')
+
+
+def test_parse_free_text_keeps_what_it_recognises():
+    s = parse('A minimalist flyer, headline "OPEN DAY" at the top-left, tagline "all welcome", '
+              'two-column layout, teal color scheme, read top to bottom')
+    assert s.kind == "poster" and s.theme == "teal" and s.layout == "two-column"
+    assert s.elements[0] == Element("title", "OPEN DAY", "top-left")
+    assert s.elements[1] == Element("subtitle", "all welcome")
+    assert s.reading_order == "top to bottom"
+    assert parse("a girl smiling") == CaptionSchema()
+    assert parse('a sign that says "HELLO"').elements == [Element("label", "HELLO")]
+    with pytest.raises(ValueError, match="position 'upper'"):
+        Element("title", "x", "upper")
+
+
+def test_restyle_keeps_every_content_word():
+    rng = random.Random(0)
+    captions = [caption(sample_layout(rng)) for _ in range(40)] + [
+        'a poster with title "AI Summit 2026", subtitle below, centered layout, blue theme', "a girl smiling",
+        render(SCHEMAS[1])]
+    for text in captions:
+        assert restyle(text, "natural") == text
+        for style in ("keyword", "instruction"):
+            out = restyle(text, style)
+            assert content_words(text) <= content_words(out), (text, out)
+            assert out != text
+    assert restyle('a poster with title "SALE", title band at the top, blue theme', "keyword") == \
+        'poster, title "SALE", title band at top, blue theme'
+
+
+def test_training_with_caption_styles_uses_each_styles_cached_embedding(poster_dataset, tmp_path):
+    cfg = tiny_config(poster_dataset, tmp_path / "cache", data={"caption_styles": list(STYLES), "caption_dropout": 0})
+    result = train(cfg, tmp_path / "run", progress=False)
+    pipe = build_tiny_pipeline(0)
+    sample = result.cache.samples[0]
+    assert len(sample.text_files) == 3 and len(set(sample.text_files)) == 3
+    for style, path in zip(STYLES, sample.text_files, strict=True):
+        expected = pipe.encode_prompt(restyle(sample.caption, style), device="cpu")[0]
+        assert torch.equal(load_embedding(path).float(), expected)
+    # three styles, three embeddings per caption, each encoded once: a second run encodes nothing
+    again = train(cfg, tmp_path / "run2", progress=False)
+    assert again.cache.encoded_texts == 0 and again.cache.encoded_latents == 0
+    # and resume stays exact with the style draws
+    train(cfg, tmp_path / "r3", stop_after=3, progress=False)
+    train(cfg, tmp_path / "r3", resume=True, progress=False)
+    from test_train import _same_lora
+
+    assert _same_lora(tmp_path / "run" / "lora.safetensors", tmp_path / "r3" / "lora.safetensors")
