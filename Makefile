@@ -10,10 +10,11 @@ DEMO_OUT ?= demo-output
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/install_torch.sh
+$(STAMP): pyproject.toml scripts/install_torch.sh scripts/install_fonts.sh
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@PYTHON=$(PY) scripts/install_torch.sh
-	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,ocr]'
+	@scripts/install_fonts.sh
 	@touch $(STAMP)
 	@echo "setup: ready ($(VENV))"
 

@@ -97,8 +97,8 @@ def test_cli_generate_and_size_validation(tmp_path, capsys):
 @pytest.mark.parametrize("pe", [True, False])
 def test_prompt_enhancer_flag_without_pe_weights(tmp_path, capsys, pe):
     [p] = generate(["x"], model="tiny", use_pe=pe, out_dir=tmp_path, **SMALL)
-    assert Image.open(p).text["prompt_enhancer"] == "False"
-    assert ("has no Prompt Enhancer" in capsys.readouterr().err) == pe
+    assert Image.open(p).text["prompt_enhancer"] == ("rules" if pe else "off")
+    assert ("has no Prompt Enhancer weights" in capsys.readouterr().err) == pe
 
 
 def test_load_pipeline_partial_for_generation(tiny_folder):

@@ -16,6 +16,8 @@ dataset_app = typer.Typer(no_args_is_help=True, help="Dataset folders: check the
 app.add_typer(dataset_app, name="dataset")
 eval_app = typer.Typer(no_args_is_help=True, help="Score generated images.")
 app.add_typer(eval_app, name="eval")
+caption_app = typer.Typer(no_args_is_help=True, help="Captions in the layout language: lint and auto-caption.")
+app.add_typer(caption_app, name="caption")
 
 
 def _quiet_libraries() -> None:
@@ -112,6 +114,76 @@ def eval_layout(
         typer.echo(f"{len(scored)} scored: median {median_score(scored):.3f}, mean {mean:.3f}")
 
 
+@eval_app.command("text")
+def eval_text(
+    folder: Path = typer.Argument(..., help="PNGs with prompts in their metadata, .txt files or metadata.jsonl"),
+) -> None:
+    """Text-rendering score (LongText-Bench rule): recall of the prompt's quoted text in the image's OCR."""
+    import statistics
+
+    from .eval.text import score_folder_text
+
+    if not folder.is_dir():
+        raise UserError(f"{folder}: not a folder")
+    results = score_folder_text(folder)
+    if not results:
+        raise UserError(f"{folder}: no PNG images")
+    typer.echo(f"{'image':40s} {'score':>6s}  quoted text")
+    for path, prompt, score in results:
+        from .eval.text import quoted_text
+
+        shown = "-" if score is None else f"{score:.3f}"
+        typer.echo(f"{path.name[:40]:40s} {shown:>6s}  {' | '.join(quoted_text(prompt)) or '(no quoted text)'}")
+    scores = [s for _, _, s in results if s is not None]
+    if scores:
+        typer.echo(f"{len(scores)} scored: median {statistics.median(scores):.3f}, mean {statistics.mean(scores):.3f}")
+
+
+@caption_app.command("lint")
+def caption_lint(
+    folder: Path = typer.Argument(..., help="a dataset folder with .txt captions"),
+    model: str | None = typer.Option(None, "--model", "-m", help="count tokens with this model's tokenizer"),
+    max_tokens: int | None = typer.Option(None, help="token limit (default: the tokenizer's model_max_length)"),
+    ocr: bool = typer.Option(True, "--ocr/--no-ocr", help="read the images' text to flag unquoted text"),
+    strict: bool = typer.Option(False, "--strict", help="exit 1 when anything is flagged"),
+) -> None:
+    """Flag weak captions: unquoted text, no layout or hierarchy words, too long, trigger words only."""
+    from .captions.lint import lint_folder, summary_table
+
+    findings, total = lint_folder(folder, model=model, ocr=ocr, max_tokens=max_tokens)
+    for finding in findings:
+        typer.echo(str(finding))
+    typer.echo(summary_table(findings, total))
+    if strict and findings:
+        raise typer.Exit(1)
+
+
+@caption_app.command("auto")
+def caption_auto(
+    folder: Path = typer.Argument(..., help="a folder of images"),
+    kind: str = typer.Option("other", help="poster, infographic, comic, ui or other"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace existing .txt captions"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="show the diff, write nothing"),
+    vlm: str | None = typer.Option(None, "--vlm", help="a transformers image-to-text model id to add a description"),
+) -> None:
+    """Write structured captions from the images' text (offline OCR): roles, positions, reading order."""
+    from .captions.auto import auto_caption_folder, caption_diff
+    from .captions.schema import KINDS
+
+    if kind not in KINDS:
+        raise UserError(f"--kind {kind!r}: choose from {', '.join(KINDS)}")
+    results = auto_caption_folder(folder, kind=kind, overwrite=overwrite, dry_run=dry_run, vlm=vlm)
+    for result in results:
+        if dry_run:
+            typer.echo(caption_diff(result))
+        elif result.written:
+            typer.echo(f"{result.image.with_suffix('.txt').name}: {result.caption}")
+        else:
+            typer.echo(f"{result.image.with_suffix('.txt').name}: kept the existing caption (--overwrite replaces it)")
+    written = sum(r.written for r in results)
+    typer.echo(f"{len(results)} images, {written} captions written" + (" (dry run)" if dry_run else ""))
+
+
 @app.command("pretrain-micro")
 def pretrain_micro_cmd(
     config: Path = typer.Argument(..., help="configs/micro-pretrain.yaml"),
@@ -140,7 +212,8 @@ def generate(
     width: int | None = typer.Option(None, help="default: the model's native size (1024; 64 for micro)"),
     height: int | None = typer.Option(None),
     turbo: bool = typer.Option(False, "--turbo", help="ERNIE-Image-Turbo: 8 steps, guidance 1.0"),
-    pe: bool = typer.Option(False, "--pe/--no-pe", help="rewrite prompts with the Prompt Enhancer"),
+    pe: bool = typer.Option(False, "--pe/--no-pe",
+                            help="rewrite prompts with the Prompt Enhancer (its model if loaded, else rules)"),
     negative_prompt: str = typer.Option("", "--negative-prompt"),
     out: Path = typer.Option(Path("outputs"), "--out", "-o", help="folder for the PNGs"),
     dtype: str = typer.Option("bf16", help="bf16, fp16 or fp32"),

@@ -17,6 +17,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from . import __version__
+from .captions.expand import expand_prompt
 from .errors import UserError
 from .io import atomic_write
 from .lora import check_lora_fits, read_lora_shapes
@@ -134,8 +135,10 @@ def generate(
     native = int(pipe.vae.config.get("sample_size", 1024))  # 1024 for ERNIE-Image, 64 for micro
     width, height = width or native, height or native
     validate_size(width, height, multiple)
-    if use_pe and getattr(pipe, "pe", None) is None:
-        print(f"warning: {model} has no Prompt Enhancer; generating without it", file=sys.stderr)
+    model_pe = use_pe and getattr(pipe, "pe", None) is not None
+    if use_pe and not model_pe:
+        print(f"note: {model} has no Prompt Enhancer weights; expanding prompts with the rule-based expander",
+              file=sys.stderr)
     for warning in load_loras(pipe, loras, fuse):
         print(f"warning: {warning}", file=sys.stderr)
 
@@ -144,10 +147,11 @@ def generate(
     written = []
     for i, prompt in enumerate(prompts):
         image_seed = seed + i
+        revised = expand_prompt(prompt) if use_pe and not model_pe else None
         result = pipe(
-            prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
+            prompt=revised or prompt, negative_prompt=negative_prompt, height=height, width=width,
             num_inference_steps=steps, guidance_scale=guidance,
-            generator=torch.Generator(device="cpu").manual_seed(image_seed), use_pe=use_pe,
+            generator=torch.Generator(device="cpu").manual_seed(image_seed), use_pe=model_pe,
         )
         image: Image.Image = result.images[0]
         info = PngInfo()
@@ -162,11 +166,11 @@ def generate(
             "width": width,
             "height": height,
             "negative_prompt": negative_prompt,
-            "prompt_enhancer": bool(use_pe and getattr(pipe, "pe", None) is not None),
+            "prompt_enhancer": "model" if model_pe else ("rules" if use_pe else "off"),
             "software": f"ernie-lora {__version__}",
         }
-        if result.revised_prompts:
-            fields["revised_prompt"] = result.revised_prompts[0]
+        if result.revised_prompts or revised:
+            fields["revised_prompt"] = result.revised_prompts[0] if result.revised_prompts else revised
         for key, value in fields.items():
             info.add_text(key, str(value))
         path = _free_path(out_dir, f"{i:03d}-{_slug(prompt)}")

@@ -302,3 +302,57 @@ def vocabulary() -> list[str]:
 def tokenize_words(text: str) -> list[str]:
     """The word split the micro tokenizer uses: words, numbers like 2x2, quotes and commas."""
     return re.findall(r'[a-z0-9]+|"|,', text.lower())
+
+
+# -- posters with real text (for OCR, auto-captions and the text-rendering score) -------------------
+
+# Titles and subtitles for real-text posters, by script.
+POSTER_TEXTS = {
+    "latin": (("SUMMER SALE", "AI SUMMIT 2026", "JAZZ NIGHT", "OPEN HOUSE", "BOOK FAIR", "CITY MARATHON",
+               "FRESH MARKET", "DESIGN WEEK", "NIGHT RUN", "COFFEE CLUB"),
+              ("fifty percent off", "Beijing, May 2026", "live music every friday", "all welcome",
+               "tickets at the door")),
+    "cjk": (("夏季促销", "人工智能大会", "爵士之夜", "城市马拉松", "新鲜市场", "设计周", "读书节", "咖啡俱乐部"),
+            ("全场五折", "欢迎光临", "免费入场", "每周五现场音乐")),
+}
+FONT_FILES = {
+    "latin": "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf",
+    "cjk": "/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc",
+}
+
+
+def font_path(script: str = "latin") -> str | None:
+    """A Debian font file for ``script`` (fonts-dejavu-core, fonts-wqy-zenhei), or None when missing."""
+    path = FONT_FILES[script]
+    return path if Path(path).exists() else None
+
+
+def text_poster(title: str, subtitle: str | None = None, band: str = "top", theme: str = "blue", size: int = 512,
+                script: str = "latin") -> Image.Image:
+    """A poster at ``size`` px with a real-font title in a band and an optional smaller subtitle below it."""
+    path = font_path(script)
+    image = Image.new("RGB", (size, size), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    band_h = size // 5
+    # band centres in the top, middle and bottom thirds; the subtitle sits under the band
+    top = {"top": size // 16, "middle": (size - band_h) // 2, "bottom": size - band_h - size // 8}[band]
+    draw.rectangle((0, top, size - 1, top + band_h), fill=COLOURS[theme])
+
+    def fit(text: str, height: int, width: int):
+        px = height
+        while px > 8:
+            font = ImageFont.truetype(path, px) if path else ImageFont.load_default(size=px)
+            left, t, right, bottom = draw.textbbox((0, 0), text, font=font)
+            if right - left <= width:
+                return font, (left, t, right, bottom)
+            px -= 2
+        return font, draw.textbbox((0, 0), text, font=font)
+
+    font, (left, t, right, bottom) = fit(title, int(band_h * 0.6), int(size * 0.9))
+    draw.text(((size - (right - left)) // 2 - left, top + (band_h - (bottom - t)) // 2 - t), title,
+              fill=(255, 255, 255), font=font)
+    if subtitle:
+        font, (left, t, right, bottom) = fit(subtitle, int(band_h * 0.3), int(size * 0.8))
+        y = top + band_h + size // 20
+        draw.text(((size - (right - left)) // 2 - left, y - t), subtitle, fill=INK, font=font)
+    return image

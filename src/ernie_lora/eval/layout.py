@@ -206,9 +206,8 @@ def prompt_for(path: Path, metadata: dict[str, str]) -> str | None:
     return metadata.get(path.name)
 
 
-def score_folder(folder: str | Path) -> list[tuple[Path, str, LayoutScore | None]]:
-    """Score every PNG in a folder against its prompt."""
-    folder = Path(folder)
+def read_metadata_captions(folder: Path) -> dict[str, str]:
+    """{file name: text} from a folder's metadata.jsonl (empty when there is none)."""
     metadata: dict[str, str] = {}
     meta_file = folder / "metadata.jsonl"
     if meta_file.exists():
@@ -216,6 +215,13 @@ def score_folder(folder: str | Path) -> list[tuple[Path, str, LayoutScore | None
             if line.strip():
                 row = json.loads(line)
                 metadata[row["file_name"]] = row.get("text", "")
+    return metadata
+
+
+def score_folder(folder: str | Path) -> list[tuple[Path, str, LayoutScore | None]]:
+    """Score every PNG in a folder against its prompt."""
+    folder = Path(folder)
+    metadata = read_metadata_captions(folder)
     results = []
     for path in sorted(folder.glob("*.png")):
         prompt = prompt_for(path, metadata)

@@ -1,0 +1,108 @@
+"""``caption lint``: what makes a caption weak training data for a layout model, per file.
+
+Checks: non-UTF-8 files; trigger-word-only captions; no quoted text although the image has text
+(OCR); no layout words; no hierarchy (role) words; more tokens than the text encoder reads
+(counted with the model's own tokenizer; the pipeline truncates the rest away).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from ..data.dataset import CACHE_DIR_NAME, IMAGE_EXTS
+from ..errors import UserError
+
+LAYOUT_WORDS = {
+    "top", "bottom", "left", "right", "center", "centre", "centered", "centred", "middle", "grid", "column",
+    "columns", "row", "rows", "panel", "panels", "above", "below", "under", "beside", "header", "footer",
+    "corner", "side", "layout", "aligned", "top-left", "top-right", "bottom-left", "bottom-right", "stacked",
+}
+HIERARCHY_WORDS = {
+    "title", "subtitle", "heading", "headline", "tagline", "label", "labels", "body", "caption", "button",
+    "header", "logo", "slogan",
+}
+CHECKS = ("not UTF-8", "trigger word only", "no quoted text", "no layout words", "no hierarchy", "too many tokens")
+
+
+@dataclass
+class LintFinding:
+    path: Path
+    check: str
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.path.name}: {self.check}" + (f" ({self.detail})" if self.detail else "")
+
+
+def lint_caption(text: str, image_has_text: bool | None, max_tokens: int | None, count_tokens) -> list[tuple[str, str]]:
+    """(check, detail) pairs for one caption."""
+    found = []
+    words = re.findall(r"[\w-]+", text.lower())
+    quoted = re.findall(r'"[^"]+"|“[^”]+”|「[^」]+」', text)
+    if len(words) <= 2 and not quoted:
+        found.append(("trigger word only", f"{text.strip()!r}"))
+    if image_has_text and not quoted:
+        found.append(("no quoted text", "the image has text; quote it as it is written"))
+    if not set(words) & LAYOUT_WORDS:
+        found.append(("no layout words", "say where things are: top, centered, grid, left, ..."))
+    if not set(words) & HIERARCHY_WORDS:
+        found.append(("no hierarchy", "name the roles: title, subtitle, label, ..."))
+    if max_tokens is not None:
+        n = count_tokens(text)
+        if n > max_tokens:
+            found.append(("too many tokens", f"{n} > {max_tokens}; the text encoder truncates the rest"))
+    return found
+
+
+def load_tokenizer(model: str):
+    """The model's own tokenizer (what the pipeline counts with), loaded alone."""
+    from ..models.loading import load_pipeline
+
+    return load_pipeline(model, dtype="fp32", components=("tokenizer",)).tokenizer
+
+
+def lint_folder(folder: str | Path, model: str | None = None, ocr: bool = True,
+                max_tokens: int | None = None) -> tuple[list[LintFinding], int]:
+    """Findings for every caption of a dataset folder, and how many captions were read."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: not a folder")
+    count_tokens = None
+    if model is not None:
+        tokenizer = load_tokenizer(model)
+        max_tokens = max_tokens or int(tokenizer.model_max_length)
+        count_tokens = lambda text: len(tokenizer(text, add_special_tokens=True)["input_ids"])  # noqa: E731
+    elif max_tokens is not None:
+        raise UserError("--max-tokens needs --model (tokens are counted with the model's tokenizer)")
+    read_text = None
+    if ocr:
+        from .ocr import read_text
+    findings: list[LintFinding] = []
+    captions = sorted(p for p in folder.rglob("*.txt") if CACHE_DIR_NAME not in p.parts)
+    for txt in captions:
+        try:
+            text = txt.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            findings.append(LintFinding(txt, "not UTF-8", f"{exc.reason} at byte {exc.start}"))
+            continue
+        image = next((txt.with_suffix(ext) for ext in IMAGE_EXTS if txt.with_suffix(ext).exists()), None)
+        has_text = None
+        if read_text is not None and image is not None:
+            with Image.open(image) as im:
+                has_text = any(box.confidence > 0.8 and len(box.text) >= 2 for box in read_text(im))
+        for check, detail in lint_caption(text, has_text, max_tokens if count_tokens else None, count_tokens):
+            findings.append(LintFinding(txt, check, detail))
+    return findings, len(captions)
+
+
+def summary_table(findings: list[LintFinding], total: int) -> str:
+    counts = Counter(f.check for f in findings)
+    rows = [f"{'check':20s} {'files':>6s}"] + [f"{check:20s} {counts.get(check, 0):6d}" for check in CHECKS]
+    flagged = len({f.path for f in findings})
+    rows.append(f"{flagged} of {total} captions flagged")
+    return "\n".join(rows)
