@@ -88,30 +88,44 @@ def dataset_synth(
     typer.echo(f"wrote {count} images to {folder}")
 
 
-@eval_app.command("layout")
-def eval_layout(
-    folder: Path = typer.Argument(..., help="PNGs with prompts in their metadata, .txt files or metadata.jsonl"),
-) -> None:
-    """Layout fidelity (0-1) of every image against its prompt, as a table."""
-    from .eval.layout import median_score, score_folder
-
+def _scored_folder(folder: Path, score_folder) -> list:
     if not folder.is_dir():
         raise UserError(f"{folder}: not a folder")
     results = score_folder(folder)
     if not results:
         raise UserError(f"{folder}: no PNG images")
-    typer.echo(f"{'image':40s} {'kind':12s} {'score':>6s}  failed checks")
-    for path, prompt, score in results:
+    return results
+
+
+def _print_score_table(detail_header: str, rows: list[tuple[str, float | None, str]]) -> None:
+    """One row per image (name, score or None, detail), then the median and mean of the scores."""
+    import statistics
+
+    typer.echo(f"{'image':40s} {'score':>6s}  {detail_header}")
+    for name, score, detail in rows:
+        shown = "-" if score is None else f"{score:.3f}"
+        typer.echo(f"{name[:40]:40s} {shown:>6s}  {detail}")
+    scores = [score for _, score, _ in rows if score is not None]
+    if scores:
+        typer.echo(f"{len(scores)} scored: median {statistics.median(scores):.3f}, mean {statistics.mean(scores):.3f}")
+
+
+@eval_app.command("layout")
+def eval_layout(
+    folder: Path = typer.Argument(..., help="PNGs with prompts in their metadata, .txt files or metadata.jsonl"),
+) -> None:
+    """Layout fidelity (0-1) of every image against its prompt, as a table."""
+    from .eval.layout import score_folder
+
+    rows = []
+    for path, prompt, score in _scored_folder(folder, score_folder):
         if score is None:
-            why = "no prompt" if not prompt else "prompt is not in the layout language"
-            typer.echo(f"{path.name[:40]:40s} {'-':12s} {'-':>6s}  ({why})")
-            continue
-        failed = ", ".join(k for k, v in score.checks.items() if v < 0.5)
-        typer.echo(f"{path.name[:40]:40s} {score.kind:12s} {score.score:6.3f}  {failed}")
-    scored = [s for _, _, s in results if s is not None]
-    if scored:
-        mean = sum(s.score for s in scored) / len(scored)
-        typer.echo(f"{len(scored)} scored: median {median_score(scored):.3f}, mean {mean:.3f}")
+            detail = "(no prompt)" if not prompt else "(prompt is not in the layout language)"
+        else:
+            failed = ", ".join(k for k, v in score.checks.items() if v < 0.5)
+            detail = f"{score.kind}" + (f"; failed: {failed}" if failed else "")
+        rows.append((path.name, None if score is None else score.score, detail))
+    _print_score_table("kind; failed checks", rows)
 
 
 @eval_app.command("text")
@@ -119,24 +133,11 @@ def eval_text(
     folder: Path = typer.Argument(..., help="PNGs with prompts in their metadata, .txt files or metadata.jsonl"),
 ) -> None:
     """Text-rendering score (LongText-Bench rule): recall of the prompt's quoted text in the image's OCR."""
-    import statistics
+    from .eval.text import quoted_text, score_folder_text
 
-    from .eval.text import score_folder_text
-
-    if not folder.is_dir():
-        raise UserError(f"{folder}: not a folder")
-    results = score_folder_text(folder)
-    if not results:
-        raise UserError(f"{folder}: no PNG images")
-    typer.echo(f"{'image':40s} {'score':>6s}  quoted text")
-    for path, prompt, score in results:
-        from .eval.text import quoted_text
-
-        shown = "-" if score is None else f"{score:.3f}"
-        typer.echo(f"{path.name[:40]:40s} {shown:>6s}  {' | '.join(quoted_text(prompt)) or '(no quoted text)'}")
-    scores = [s for _, _, s in results if s is not None]
-    if scores:
-        typer.echo(f"{len(scores)} scored: median {statistics.median(scores):.3f}, mean {statistics.mean(scores):.3f}")
+    rows = [(path.name, score, " | ".join(quoted_text(prompt)) or "(no quoted text)")
+            for path, prompt, score in _scored_folder(folder, score_folder_text)]
+    _print_score_table("quoted text", rows)
 
 
 @caption_app.command("lint")

@@ -75,7 +75,10 @@ def lint_folder(folder: str | Path, model: str | None = None, ocr: bool = True,
     count_tokens = None
     if model is not None:
         tokenizer = load_tokenizer(model)
-        max_tokens = max_tokens or int(tokenizer.model_max_length)
+        declared = int(min(tokenizer.model_max_length, 1 << 62))
+        if max_tokens is None and declared > 100_000:  # transformers' "no limit" sentinel
+            raise UserError(f"--model {model}: its tokenizer declares no length limit; pass --max-tokens N")
+        max_tokens = max_tokens or declared
         count_tokens = lambda text: len(tokenizer(text, add_special_tokens=True)["input_ids"])  # noqa: E731
     elif max_tokens is not None:
         raise UserError("--max-tokens needs --model (tokens are counted with the model's tokenizer)")

@@ -18,7 +18,6 @@ the wrong colour fails the layout too, as a designer would judge it.
 from __future__ import annotations
 
 import json
-import statistics
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -231,8 +230,3 @@ def score_folder(folder: str | Path) -> list[tuple[Path, str, LayoutScore | None
         with Image.open(path) as im:
             results.append((path, prompt, score_image(im, prompt)))
     return results
-
-
-def median_score(scores: list[LayoutScore | None]) -> float:
-    values = [s.score for s in scores if s is not None]
-    return statistics.median(values) if values else float("nan")
