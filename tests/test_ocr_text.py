@@ -55,8 +55,10 @@ def test_auto_caption_recovers_title_text_and_position(tmp_path, capsys):
         text_poster(title, rng.choice(SUBTITLES + [None]), band).save(tmp_path / f"p{i:02d}.png")
         truth[f"p{i:02d}"] = (title, {"top": "top", "middle": "center", "bottom": "bottom"}[band])
     (tmp_path / "p00.txt").write_text("my own caption\n")
+    Image.new("RGB", (256, 256), (120, 160, 200)).save(tmp_path / "blank.png")
     code, out, _ = run_cli(["caption", "auto", str(tmp_path), "--kind", "poster"], capsys)
-    assert code == 0 and "12 images, 11 captions written" in out
+    assert code == 0 and "13 images, 11 captions written" in out
+    assert "blank.png: no text found; no caption written" in out and not (tmp_path / "blank.txt").exists()
     assert (tmp_path / "p00.txt").read_text() == "my own caption\n"  # never replaced without --overwrite
     code, out, _ = run_cli(["caption", "auto", str(tmp_path), "--kind", "poster", "--dry-run", "--overwrite"], capsys)
     assert "-my own caption" in out and "+a poster with title" in out and "(dry run)" in out

@@ -175,7 +175,9 @@ def caption_auto(
         raise UserError(f"--kind {kind!r}: choose from {', '.join(KINDS)}")
     results = auto_caption_folder(folder, kind=kind, overwrite=overwrite, dry_run=dry_run, vlm=vlm)
     for result in results:
-        if dry_run:
+        if not result.found_text:
+            typer.echo(f"{result.image.name}: no text found; no caption written")
+        elif dry_run:
             typer.echo(caption_diff(result))
         elif result.written:
             typer.echo(f"{result.image.with_suffix('.txt').name}: {result.caption}")

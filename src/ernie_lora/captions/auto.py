@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..data.dataset import IMAGE_EXTS
+from ..data.dataset import CACHE_DIR_NAME, IMAGE_EXTS
 from ..errors import UserError
 from ..io import atomic_write_text
 from .ocr import TextBox, read_text
@@ -96,6 +96,7 @@ class AutoCaption:
     caption: str
     previous: str | None
     written: bool
+    found_text: bool = True
 
 
 def vlm_description(image: Image.Image, model_id: str) -> str:
@@ -115,19 +116,21 @@ def auto_caption_folder(folder: str | Path, kind: str = "other", overwrite: bool
     if not folder.is_dir():
         raise UserError(f"{folder}: not a folder")
     results = []
-    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS):
+    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and CACHE_DIR_NAME not in p.parts)
+    for path in images:
         with Image.open(path) as im:
             image = im.convert("RGB")
         schema = boxes_to_schema(read_text(image), image.width, image.height, kind)
         caption = render(schema, "natural")
         if vlm:
             caption = f"{caption}; {vlm_description(image, vlm)}"
+        found_text = bool(schema.elements) or bool(vlm)  # a bare "a poster" is no caption worth writing
         txt = path.with_suffix(".txt")
         previous = txt.read_text(encoding="utf-8", errors="replace").strip() if txt.exists() else None
-        write = not dry_run and (previous is None or overwrite)
+        write = found_text and not dry_run and (previous is None or overwrite)
         if write:
             atomic_write_text(txt, caption + "\n")
-        results.append(AutoCaption(path, caption, previous, write))
+        results.append(AutoCaption(path, caption, previous, write, found_text))
     return results
 
 
