@@ -13,13 +13,13 @@ from ernie_lora.models import build_tiny_pipeline, load_pipeline
 SMALL = dict(width=32, height=32, steps=3, guidance=2.0, dtype="fp32")
 
 
-def make_lora(path, seed=0, rank=4, alpha=8.0, targets=("to_q", "to_k", "to_v", "to_out.0")):
+def make_lora(path, seed=0, rank=4, alpha=8.0, targets=("to_q", "to_k", "to_v", "to_out.0"), std=0.2):
     transformer = build_tiny_pipeline(0).transformer
     torch.manual_seed(seed)
     config = add_lora(transformer, rank, alpha, list(targets))
     for name, param in transformer.named_parameters():
         if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.2)
+            torch.nn.init.normal_(param, std=std)
     return save_lora(path, lora_state_dict(transformer), config, {"base_model": "tiny"})
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -16,6 +17,8 @@ dataset_app = typer.Typer(no_args_is_help=True, help="Dataset folders: check the
 app.add_typer(dataset_app, name="dataset")
 eval_app = typer.Typer(no_args_is_help=True, help="Score generated images.")
 app.add_typer(eval_app, name="eval")
+lora_app = typer.Typer(no_args_is_help=True, help="LoRA files: info, verify, convert, merge, fuse.")
+app.add_typer(lora_app, name="lora")
 caption_app = typer.Typer(no_args_is_help=True, help="Captions in the layout language: lint and auto-caption.")
 app.add_typer(caption_app, name="caption")
 
@@ -185,6 +188,120 @@ def caption_auto(
             typer.echo(f"{result.image.with_suffix('.txt').name}: kept the existing caption (--overwrite replaces it)")
     written = sum(r.written for r in results)
     typer.echo(f"{len(results)} images, {written} captions written" + (" (dry run)" if dry_run else ""))
+
+
+@lora_app.command("info")
+def lora_info_cmd(
+    file: Path = typer.Argument(..., help="a LoRA .safetensors in any supported format"),
+    model: str | None = typer.Option(None, "--model", "-m", help="also check that it fits this model"),
+    modules: bool = typer.Option(False, "--modules", help="list every module with its rank and alpha"),
+) -> None:
+    """Format, modules, ranks, alpha, size, provenance, and whether it fits a model."""
+    from .lora.formats import read_modules
+    from .lora.tools import lora_info
+
+    info = lora_info(file, model)
+    typer.echo(f"file:      {info.path} ({info.size_bytes / 2**20:.2f} MiB)")
+    typer.echo(f"format:    {info.format}")
+    typer.echo(f"modules:   {info.modules}")
+    typer.echo("rank:      " + ", ".join(f"{r} ({n} modules)" for r, n in sorted(info.ranks.items())))
+    typer.echo("alpha:     " + ", ".join(f"{a:g} ({n} modules)" for a, n in sorted(info.alphas.items())))
+    typer.echo(f"base:      {info.provenance.get('base_model', 'unknown')}")
+    for key, value in sorted(info.provenance.items()):
+        if key not in ("base_model", "training_config"):
+            typer.echo(f"  {key}: {value[:100]}")
+    if info.fits is not None:
+        typer.echo(f"fits {model}: {info.fits}")
+    if modules:
+        for name, module in read_modules(file)[0].items():
+            typer.echo(f"  {name}: rank {module.rank}, alpha {module.alpha:g}")
+
+
+@lora_app.command("verify")
+def lora_verify(file: Path = typer.Argument(...)) -> None:
+    """Check the header and the stored tensor hash; exit 1 when they do not hold."""
+    from .lora.tools import verify_lora
+
+    ok, message = verify_lora(file)
+    typer.echo(f"{file}: {'OK' if ok else 'FAILED'}: {message}")
+    if not ok:
+        raise typer.Exit(1)
+
+
+def _refuse_existing(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise UserError(f"{path}: exists; pass --overwrite to replace it")
+
+
+@lora_app.command("convert")
+def lora_convert(
+    source: Path = typer.Argument(...),
+    target: Path = typer.Argument(...),
+    format: str = typer.Option("diffusers", "--format", "-f", help="diffusers, comfy, peft or kohya"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """Rewrite a LoRA in another format; every module's delta W stays the same."""
+    from .lora.formats import read_modules, write_modules
+
+    _refuse_existing(target, overwrite)
+    modules, fmt, metadata = read_modules(source)
+    write_modules(target, modules, format, metadata)
+    typer.echo(f"{source} ({fmt}) -> {target} ({format}), {len(modules)} modules")
+
+
+@lora_app.command("merge")
+def lora_merge(
+    files: list[Path] = typer.Argument(..., help="LoRAs to merge, then the output file last"),
+    weights: str | None = typer.Option(None, help="comma-separated weights (default: equal, summing to 1)"),
+    rank: int = typer.Option(16, help="rank of the merged LoRA"),
+    format: str = typer.Option("diffusers", "--format", "-f"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """One LoRA from several: truncated SVD of the weighted sum of their delta W, per module."""
+    from .lora.formats import read_modules, write_modules
+    from .lora.tools import merge_modules
+
+    if len(files) < 3:
+        raise UserError("lora merge: give at least two LoRAs and the output file")
+    *inputs, target = files
+    _refuse_existing(target, overwrite)
+    try:
+        w = [float(x) for x in weights.split(",")] if weights else [1.0 / len(inputs)] * len(inputs)
+    except ValueError:
+        raise UserError(f"--weights {weights!r}: expected numbers separated by commas") from None
+    merged, energy = merge_modules([read_modules(f)[0] for f in inputs], w, rank)
+    metadata = {"ernie_lora.merged_from": json.dumps([str(f) for f in inputs]),
+                "ernie_lora.merge_weights": json.dumps(w), "ernie_lora.energy_kept": f"{energy:.6f}"}
+    write_modules(target, merged, format, metadata)
+    typer.echo(f"merged {len(inputs)} LoRAs into {target}: {len(merged)} modules, rank {rank}, "
+               f"energy kept {energy:.2%}")
+
+
+@lora_app.command("fuse")
+def lora_fuse(
+    file: Path = typer.Argument(...),
+    model: str | None = typer.Option(None, "--model", "-m",
+                                     help="the base model (default: the one recorded in the LoRA's provenance)"),
+    strength: float = typer.Option(1.0, "--strength", "-s"),
+    out: Path = typer.Option(..., "--out", "-o", help="folder for the fused transformer (diffusers format)"),
+    dtype: str = typer.Option("bf16"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """Save the base transformer with the LoRA merged into its weights."""
+    from .lora.formats import read_modules
+    from .lora.tools import fuse_into
+    from .models import load_transformer
+
+    target = out / "transformer"
+    _refuse_existing(target, overwrite)
+    modules, _, metadata = read_modules(file)
+    model = model or metadata.get("ernie_lora.base_model")
+    if not model:
+        raise UserError(f"{file}: no base model recorded in it; pass --model")
+    transformer = load_transformer(model, dtype=dtype)
+    fuse_into(transformer, modules, strength)
+    transformer.save_pretrained(target, safe_serialization=True)
+    typer.echo(f"fused {file} at strength {strength:g} into {target}")
 
 
 @app.command("pretrain-micro")

@@ -99,6 +99,14 @@ class SampleConfig(_Strict):
     seed: int = 0
 
 
+class ProvenanceConfig(_Strict):
+    """Written into every LoRA this run saves (``lora info`` shows it)."""
+
+    creator: str = ""
+    licence: str = ""  # e.g. "CC-BY-4.0", "proprietary"
+    consent: str = ""  # e.g. "all images owned by the creator", "artists' written consent on file"
+
+
 class TrainRunConfig(_Strict):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -106,6 +114,7 @@ class TrainRunConfig(_Strict):
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     sample: SampleConfig = SampleConfig()
+    provenance: ProvenanceConfig = ProvenanceConfig()
 
 
 def _format_error(source: str, exc: ValidationError) -> str:

@@ -21,6 +21,7 @@ from .captions.expand import expand_prompt
 from .errors import UserError
 from .io import atomic_write
 from .lora import check_lora_fits, read_lora_shapes
+from .lora.formats import detect_format, read_modules, to_diffusers_state_dict
 from .models.loading import BASE_MODEL, TURBO_MODEL, load_pipeline
 
 TURBO_STEPS, TURBO_GUIDANCE = 8, 1.0
@@ -84,11 +85,17 @@ def load_loras(pipe, loras: list[LoraSpec], fuse: bool = False) -> list[str]:
     """
     names, module_sets = [], []
     for i, spec in enumerate(loras):
-        shapes, _ = read_lora_shapes(spec.path)
-        check_lora_fits(spec.path, shapes, pipe.transformer)
-        module_sets.append({k.split(".lora_")[0] for k in shapes})
         name = f"lora_{i}"
-        pipe.load_lora_weights(str(spec.path), adapter_name=name)
+        shapes, _ = read_lora_shapes(spec.path)
+        if detect_format(list(shapes)) == "diffusers":  # diffusers reads the file itself, alpha from its header
+            check_lora_fits(spec.path, shapes, pipe.transformer)
+            pipe.load_lora_weights(str(spec.path), adapter_name=name)
+        else:  # comfy, peft, kohya: converted in memory, the scale folded in (diffusers then takes alpha = rank)
+            state_dict = to_diffusers_state_dict(read_modules(spec.path)[0])
+            shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
+            check_lora_fits(spec.path, shapes, pipe.transformer)
+            pipe.load_lora_weights(state_dict, adapter_name=name)
+        module_sets.append({k.split(".lora_")[0] for k in shapes})
         names.append(name)
     if names:
         pipe.set_adapters(names, [spec.strength for spec in loras])

@@ -99,12 +99,15 @@ def save_lora(
     metadata: dict[str, object] | None = None,
 ) -> Path:
     """Write a diffusers-format LoRA file atomically, with peft config and provenance in its header."""
-    header: dict[str, str] = {"format": "pt"}
+    from .tools import tensor_sha256
+
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    header: dict[str, str] = {"format": "pt", METADATA_PREFIX + "tensor_sha256": tensor_sha256(tensors)}
     if peft_config is not None:
         header["lora_adapter_metadata"] = json.dumps(peft_config_metadata(peft_config), sort_keys=True, default=str)
     for key, value in (metadata or {}).items():
-        header[METADATA_PREFIX + key] = value if isinstance(value, str) else json.dumps(value, default=str)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+        if key != "tensor_sha256":  # always the hash of these tensors, never a copied one
+            header[METADATA_PREFIX + key] = value if isinstance(value, str) else json.dumps(value, default=str)
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
 
 

@@ -43,6 +43,7 @@ from ..lora import (
     set_lora_state,
 )
 from ..models.loading import (
+    component_fingerprint,
     load_component_config,
     load_pipeline,
     load_transformer,
@@ -284,8 +285,13 @@ def train(
         "alpha": cfg.lora.alpha,
         "targets": targets,
         "steps": step,
+        "base_model_hash": component_fingerprint(cfg.model.name, "transformer", cfg.model.revision),
         "dataset_hash": dataset_hash(cached),
+        "captions_hash": sha256_text("\n".join(sorted(s.caption for s in cached.samples))),
         "image_count": len(cached.samples),
+        "creator": cfg.provenance.creator,
+        "licence": cfg.provenance.licence,
+        "consent": cfg.provenance.consent,
         "tool": f"ernie-lora {__version__}",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "training_config": config_dict,

@@ -16,7 +16,7 @@ RUN_FILES = ("config.yaml", "lora.safetensors", "loss.csv", "loss.png")
 RUN_DIRS = ("checkpoints", "samples")
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
 # Sections that may differ when resuming: where and how often to save and sample, and how long to train.
-RESUMABLE_CHANGES = {"checkpoint", "sample", "train.steps", "train.device"}
+RESUMABLE_CHANGES = {"checkpoint", "sample", "provenance", "train.steps", "train.device"}
 
 
 def holds_run(output: Path) -> bool:
