@@ -47,9 +47,13 @@ def lora_info(path: str | Path, model: str | None = None) -> LoraInfo:
     provenance = {k.removeprefix(METADATA_PREFIX): v for k, v in metadata.items() if k.startswith(METADATA_PREFIX)}
     info = LoraInfo(path, fmt, len(modules), ranks, alphas, path.stat().st_size, provenance)
     if model is not None:
-        from ..models import load_transformer
+        from accelerate import init_empty_weights
+        from diffusers import ErnieImageTransformer2DModel
 
-        transformer = load_transformer(model, dtype="fp32")
+        from ..models.loading import load_component_config
+
+        with init_empty_weights():  # shapes only: an 8B model is checked without loading 15 GB
+            transformer = ErnieImageTransformer2DModel.from_config(load_component_config(model, "transformer"))
         shapes = {f"transformer.{n}.lora_A.weight": tuple(m.down.shape) for n, m in modules.items()}
         shapes |= {f"transformer.{n}.lora_B.weight": tuple(m.up.shape) for n, m in modules.items()}
         try:
