@@ -180,3 +180,19 @@ def test_training_writes_provenance_that_info_shows_and_verify_checks(poster_dat
     path.write_bytes(bytes(data))
     code, out, _ = run_cli(["lora", "verify", str(path)], capsys)
     assert code == 1 and "FAILED: tensor hash mismatch" in out
+
+
+def test_dataset_hash_depends_on_content_not_on_the_model(poster_dataset, tmp_path):
+    from ernie_lora.recipes.lora import train
+
+    a = train(tiny_config(poster_dataset, tmp_path / "c1"), tmp_path / "a", progress=False)
+    b = train(tiny_config(poster_dataset, tmp_path / "c2", model={"name": "tiny:1", "dtype": "fp32"}),
+              tmp_path / "b", progress=False)
+    meta_a = read_modules(a.output / "lora.safetensors")[2]
+    meta_b = read_modules(b.output / "lora.safetensors")[2]
+    assert meta_a["ernie_lora.dataset_hash"] == meta_b["ernie_lora.dataset_hash"]
+    assert meta_a["ernie_lora.base_model_hash"] != meta_b["ernie_lora.base_model_hash"]
+    (poster_dataset / "poster_00000.txt").write_text("another caption")
+    c = train(tiny_config(poster_dataset, tmp_path / "c1"), tmp_path / "c", progress=False)
+    meta_c = read_modules(c.output / "lora.safetensors")[2]
+    assert meta_c["ernie_lora.dataset_hash"] != meta_a["ernie_lora.dataset_hash"]

@@ -29,7 +29,7 @@ from .. import __version__
 from ..config import TrainRunConfig, dump_config
 from ..data.buckets import make_buckets
 from ..data.cache import CachedDataset, CachedSample, build_caches, load_embedding, load_latent
-from ..data.dataset import CACHE_DIR_NAME, check_dataset
+from ..data.dataset import CACHE_DIR_NAME, Item, check_dataset
 from ..errors import UserError
 from ..flow import noisy_latents, predict_velocity, sample_sigmas, velocity_target
 from ..io import atomic_write_text, sha256_text
@@ -124,8 +124,9 @@ def make_optimizer(params, cfg) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
-def dataset_hash(cached: CachedDataset) -> str:
-    return sha256_text("|".join(sorted(f"{s.latent_file.stem}:{sha256_text(s.caption)}" for s in cached.samples)))
+def dataset_hash(items: list[Item]) -> str:
+    """The dataset's content: image bytes and captions, independent of model, bucket and cache."""
+    return sha256_text("|".join(sorted(f"{item.sha256}:{sha256_text(item.caption)}" for item in items)))
 
 
 def train(
@@ -286,7 +287,7 @@ def train(
         "targets": targets,
         "steps": step,
         "base_model_hash": component_fingerprint(cfg.model.name, "transformer", cfg.model.revision),
-        "dataset_hash": dataset_hash(cached),
+        "dataset_hash": dataset_hash(report.items),
         "captions_hash": sha256_text("\n".join(sorted(s.caption for s in cached.samples))),
         "image_count": len(cached.samples),
         "creator": cfg.provenance.creator,
