@@ -85,8 +85,8 @@ def _source(name: str) -> str:
 def _missing_weights_error(name: str, cause: Exception) -> UserError:
     return UserError(
         f"model {name!r}: weights not found locally and could not be downloaded "
-        f"({type(cause).__name__}). Fetch them once with `hf download {name} --local-dir DIR` and pass "
-        f"--model DIR (or set HF_HOME to the cache that holds them)"
+        f"({type(cause).__name__}). Fetch them once with `hf download {name} --local-dir DIR` and use DIR as the model "
+        f"(--model DIR, or model.name: DIR in a config; or set HF_HOME to the cache that holds them)"
     )
 
 
