@@ -67,7 +67,7 @@ class TimestepConfig(_Strict):
 
 class TrainConfig(_Strict):
     steps: int = Field(3000, gt=0)
-    batch_size: int = Field(1, gt=0)
+    batch_size: int = Field(1, gt=0)  # per process; the global batch is batch_size x processes
     grad_accum: int = Field(1, gt=0)
     lr: float = Field(1e-4, gt=0)
     lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate import PartialState
 from diffusers import ErnieImagePipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
@@ -63,10 +64,14 @@ from .run_dir import (
 
 
 class BucketBatches:
-    """Batches that share a bucket, in an order fixed by (seed, epoch): the position is all resume needs."""
+    """Batches that share a bucket, in an order fixed by (seed, epoch): the position is all resume needs.
 
-    def __init__(self, samples: list[CachedSample], batch_size: int, seed: int):
-        self.samples, self.batch_size, self.seed = samples, batch_size, seed
+    With several processes these are global batches; a bucket's last batch is dropped when it has
+    fewer samples than there are processes (every process needs at least one).
+    """
+
+    def __init__(self, samples: list[CachedSample], batch_size: int, seed: int, min_size: int = 1):
+        self.samples, self.batch_size, self.seed, self.min_size = samples, batch_size, seed, min_size
         self.epoch, self.index = 0, 0
         self._batches = self._epoch_batches(0)
 
@@ -80,6 +85,10 @@ class BucketBatches:
             idx = by_bucket[key]
             order = [idx[j] for j in torch.randperm(len(idx), generator=g).tolist()]
             batches += [order[k : k + self.batch_size] for k in range(0, len(order), self.batch_size)]
+        batches = [b for b in batches if len(b) >= self.min_size]
+        if not batches:
+            raise UserError(f"no bucket holds {self.min_size} images (one per process); add images or use "
+                            "fewer processes")
         return [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
 
     def next(self) -> list[CachedSample]:
@@ -138,13 +147,24 @@ def train(
     stop_after: int | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Run the LoRA recipe. ``stop_after`` ends the run after that step as if killed (tests use it)."""
+    """Run the LoRA recipe. ``stop_after`` ends the run after that step as if killed (tests use it).
+
+    Under ``accelerate launch`` / ``torchrun`` with N processes, ``train.batch_size`` is per process:
+    every process draws the same global batch, noise and timesteps, trains on its slice, and the
+    LoRA gradients are averaged across processes (what DDP does), so N processes of batch b train
+    the same LoRA as one process of batch N*b. The main process alone writes files.
+    """
+    dist = PartialState(cpu=not torch.cuda.is_available())  # one process unless launched distributed
+    world, rank, is_main = dist.num_processes, dist.process_index, dist.is_main_process
     output = Path(output).expanduser()
-    prepare_run_dir(output, resume, overwrite)
     config_dict = cfg.model_dump(mode="json")
-    if resume:
-        check_resume_config(output, config_dict)
-    tcfg, device = cfg.train, pick_device(cfg.train.device)
+    if is_main:
+        prepare_run_dir(output, resume, overwrite)
+        if resume:
+            check_resume_config(output, config_dict)
+    dist.wait_for_everyone()
+    tcfg = cfg.train
+    device = pick_device(cfg.train.device) if world == 1 else dist.device
 
     # -- 1. data: check, bucket, cache ---------------------------------------------------------------
     multiple = pixel_multiple(cfg.model.name, cfg.model.revision)
@@ -155,11 +175,12 @@ def train(
     report = check_dataset(cfg.data.path, min_side=min(min(b.width, b.height) for b in buckets))
     report.raise_if_errors()
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(cfg.data.path) / CACHE_DIR_NAME
-    cached = build_caches(
-        report.items, buckets, cache_dir, cfg.model.name, crop=cfg.data.crop, prompts=cfg.sample.prompts,
-        vae_dtype=cfg.model.vae_dtype, text_dtype=cfg.model.dtype, device=device, revision=cfg.model.revision,
-        styles=cfg.data.caption_styles,
-    )
+    with dist.main_process_first():  # the main process encodes; the others find everything cached
+        cached = build_caches(
+            report.items, buckets, cache_dir, cfg.model.name, crop=cfg.data.crop, prompts=cfg.sample.prompts,
+            vae_dtype=cfg.model.vae_dtype, text_dtype=cfg.model.dtype, device=device, revision=cfg.model.revision,
+            styles=cfg.data.caption_styles,
+        )
 
     # -- 2. model: the DiT alone, a LoRA on it --------------------------------------------------------
     weight_dtype = parse_dtype(cfg.model.dtype)
@@ -188,7 +209,7 @@ def train(
         tcfg.lr_scheduler, optimizer, num_warmup_steps=tcfg.warmup_steps, num_training_steps=tcfg.steps
     )
     generator = torch.Generator().manual_seed(tcfg.seed)  # noise, sigmas, caption dropout
-    batches = BucketBatches(cached.samples, tcfg.batch_size, tcfg.seed)
+    batches = BucketBatches(cached.samples, tcfg.batch_size * world, tcfg.seed, min_size=world)
     empty_embedding = load_embedding(cached.empty_text_file)
     history: list[tuple[int, float, float]] = []
     step = 0
@@ -209,38 +230,52 @@ def train(
             return TrainResult(output, step, history[-1][1] if history else None, cached)
 
     # written only now: a run that failed on its data or model leaves no run behind to refuse later
-    atomic_write_text(output / "config.yaml", dump_config(cfg))
-    sampler = _Sampler(cfg, cached, transformer, device) if cfg.sample.prompts else None
+    if is_main:
+        atomic_write_text(output / "config.yaml", dump_config(cfg))
+    sampler = _Sampler(cfg, cached, transformer, device) if cfg.sample.prompts and is_main else None
     autocast_dtype = torch.bfloat16 if tcfg.mixed_precision == "bf16" else None
-    loss_file = _open_loss_csv(output / "loss.csv", history)
-    bar = tqdm(total=tcfg.steps, initial=step, desc="training", unit="step", disable=not progress)
+    loss_file = _open_loss_csv(output / "loss.csv", history) if is_main else None
+    bar = tqdm(total=tcfg.steps, initial=step, desc="training", unit="step", disable=not (progress and is_main))
     started, last_loss, start_step = time.perf_counter(), (history[-1][1] if history else None), step
 
     # -- 3. the loop ----------------------------------------------------------------------------------
     while step < tcfg.steps:
         total = 0.0
         for _ in range(tcfg.grad_accum):
-            batch = batches.next()
-            x0 = torch.stack([load_latent(s.latent_file) for s in batch]).to(device, torch.float32)
+            batch = batches.next()  # the global batch; every process draws the same random numbers for it
+            n = len(batch)
             # caption dropout swaps in the cached "" embedding (what the pipeline's CFG negative uses)
-            drop = (torch.rand(len(batch), generator=generator) < cfg.data.caption_dropout).tolist()
+            drop = (torch.rand(n, generator=generator) < cfg.data.caption_dropout).tolist()
             n_styles = len(cfg.data.caption_styles)  # one style per sample, drawn only when there is a choice
-            style = [0] * len(batch)
+            style = [0] * n
             if n_styles > 1:
-                style = torch.randint(n_styles, (len(batch),), generator=generator).tolist()
-            texts = [empty_embedding if d else load_embedding(s.text_files[k])
-                     for s, d, k in zip(batch, drop, style, strict=True)]
-            noise = torch.randn(x0.shape, generator=generator).to(device)
-            sigmas = sample_sigmas(len(batch), generator, tcfg.timesteps.sampling, shift,
-                                   tcfg.timesteps.logit_mean, tcfg.timesteps.logit_std).to(device)
-            x_t = noisy_latents(x0, noise, sigmas)
+                style = torch.randint(n_styles, (n,), generator=generator).tolist()
+            latent_shape = load_latent(batch[0].latent_file).shape
+            noise = torch.randn((n, *latent_shape), generator=generator)
+            sigmas = sample_sigmas(n, generator, tcfg.timesteps.sampling, shift, tcfg.timesteps.logit_mean,
+                                   tcfg.timesteps.logit_std)
+            mine = list(range(rank, n, world))  # this process's slice of the global batch
+            x0 = torch.stack([load_latent(batch[i].latent_file) for i in mine]).to(device, torch.float32)
+            texts = [empty_embedding if drop[i] else load_embedding(batch[i].text_files[style[i]]) for i in mine]
+            noise_mine, sigmas_mine = noise[mine].to(device), sigmas[mine].to(device)
+            x_t = noisy_latents(x0, noise_mine, sigmas_mine)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                pred = predict_velocity(transformer, x_t, sigmas, texts, num_train_timesteps)
-            loss = F.mse_loss(pred.float(), velocity_target(x0, noise).float()) / tcfg.grad_accum
+                pred = predict_velocity(transformer, x_t, sigmas_mine, texts, num_train_timesteps)
+            per_sample = F.mse_loss(pred.float(), velocity_target(x0, noise_mine).float(), reduction="none")
+            per_sample = per_sample.flatten(1).mean(dim=1)
+            # sum / global n is this slice's share of the global mean; x world undoes the gradient average
+            loss = per_sample.sum() / n * world / tcfg.grad_accum
             if not torch.isfinite(loss):
                 raise UserError(f"step {step + 1}: loss is {loss.item()}; lower train.lr or use mixed_precision bf16")
             loss.backward()
-            total += loss.item()
+            logged = per_sample.detach().sum()
+            if world > 1:
+                torch.distributed.all_reduce(logged)
+            total += logged.item() / n / tcfg.grad_accum
+        if world > 1:  # average the LoRA gradients across processes, as DDP would
+            for p in params:
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= world
         if tcfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm)
         optimizer.step()
@@ -250,13 +285,14 @@ def train(
         last_loss = total
         lr = lr_scheduler.get_last_lr()[0]
         history.append((step, total, lr))
-        loss_file.write(f"{step},{total:.8g},{lr:.8g}\n")
-        loss_file.flush()
+        if loss_file is not None:
+            loss_file.write(f"{step},{total:.8g},{lr:.8g}\n")
+            loss_file.flush()
         elapsed = time.perf_counter() - started
         bar.set_postfix(loss=f"{total:.4f}", s_it=f"{elapsed / (step - start_step):.2f}")
         bar.update()
 
-        if step % cfg.checkpoint.every == 0 or step == tcfg.steps:
+        if is_main and (step % cfg.checkpoint.every == 0 or step == tcfg.steps):
             def write(folder: Path, step: int = step) -> None:
                 save_lora(folder / "lora.safetensors", lora_state_dict(transformer), peft_config)
                 torch.save(
@@ -270,10 +306,14 @@ def train(
             sampler.run(output / "samples" / f"step-{step:06d}.png")
         if stop_after is not None and step >= stop_after and step < tcfg.steps:
             bar.close()
-            loss_file.close()
+            if loss_file is not None:
+                loss_file.close()
             return TrainResult(output, step, last_loss, cached)
     bar.close()
-    loss_file.close()
+    if loss_file is not None:
+        loss_file.close()
+    if not is_main:
+        return TrainResult(output, step, last_loss, cached)
 
     # -- 4. outputs -----------------------------------------------------------------------------------
     if sampler:
