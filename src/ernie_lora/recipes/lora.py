@@ -154,17 +154,17 @@ def train(
     LoRA gradients are averaged across processes (what DDP does), so N processes of batch b train
     the same LoRA as one process of batch N*b. The main process alone writes files.
     """
-    dist = PartialState(cpu=not torch.cuda.is_available())  # one process unless launched distributed
-    world, rank, is_main = dist.num_processes, dist.process_index, dist.is_main_process
+    procs = PartialState(cpu=not torch.cuda.is_available())  # one process unless launched distributed
+    world, rank, is_main = procs.num_processes, procs.process_index, procs.is_main_process
     output = Path(output).expanduser()
     config_dict = cfg.model_dump(mode="json")
     if is_main:
         prepare_run_dir(output, resume, overwrite)
         if resume:
             check_resume_config(output, config_dict)
-    dist.wait_for_everyone()
+    procs.wait_for_everyone()
     tcfg = cfg.train
-    device = pick_device(cfg.train.device) if world == 1 else dist.device
+    device = pick_device(cfg.train.device) if world == 1 else procs.device
 
     # -- 1. data: check, bucket, cache ---------------------------------------------------------------
     multiple = pixel_multiple(cfg.model.name, cfg.model.revision)
@@ -175,7 +175,7 @@ def train(
     report = check_dataset(cfg.data.path, min_side=min(min(b.width, b.height) for b in buckets))
     report.raise_if_errors()
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(cfg.data.path) / CACHE_DIR_NAME
-    with dist.main_process_first():  # the main process encodes; the others find everything cached
+    with procs.main_process_first():  # the main process encodes; the others find everything cached
         cached = build_caches(
             report.items, buckets, cache_dir, cfg.model.name, crop=cfg.data.crop, prompts=cfg.sample.prompts,
             vae_dtype=cfg.model.vae_dtype, text_dtype=cfg.model.dtype, device=device, revision=cfg.model.revision,
