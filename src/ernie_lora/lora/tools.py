@@ -11,7 +11,7 @@ import torch
 
 from ..errors import UserError
 from .adapters import METADATA_PREFIX, check_lora_fits
-from .formats import LoraModule, read_modules
+from .formats import LoraModule, read_modules, to_diffusers_state_dict
 
 
 def tensor_sha256(tensors: dict[str, torch.Tensor]) -> str:
@@ -54,8 +54,7 @@ def lora_info(path: str | Path, model: str | None = None) -> LoraInfo:
 
         with init_empty_weights():  # shapes only: an 8B model is checked without loading 15 GB
             transformer = ErnieImageTransformer2DModel.from_config(load_component_config(model, "transformer"))
-        shapes = {f"transformer.{n}.lora_A.weight": tuple(m.down.shape) for n, m in modules.items()}
-        shapes |= {f"transformer.{n}.lora_B.weight": tuple(m.up.shape) for n, m in modules.items()}
+        shapes = {k: tuple(v.shape) for k, v in to_diffusers_state_dict(modules).items()}
         try:
             check_lora_fits(path, shapes, transformer)
             info.fits = "yes"

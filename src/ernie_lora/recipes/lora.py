@@ -250,12 +250,11 @@ def train(
             style = [0] * n
             if n_styles > 1:
                 style = torch.randint(n_styles, (n,), generator=generator).tolist()
-            latent_shape = load_latent(batch[0].latent_file).shape
-            noise = torch.randn((n, *latent_shape), generator=generator)
+            mine = list(range(rank, n, world))  # this process's slice of the global batch (never empty)
+            x0 = torch.stack([load_latent(batch[i].latent_file) for i in mine]).to(device, torch.float32)
+            noise = torch.randn((n, *x0.shape[1:]), generator=generator)  # one bucket: one latent shape
             sigmas = sample_sigmas(n, generator, tcfg.timesteps.sampling, shift, tcfg.timesteps.logit_mean,
                                    tcfg.timesteps.logit_std)
-            mine = list(range(rank, n, world))  # this process's slice of the global batch
-            x0 = torch.stack([load_latent(batch[i].latent_file) for i in mine]).to(device, torch.float32)
             texts = [empty_embedding if drop[i] else load_embedding(batch[i].text_files[style[i]]) for i in mine]
             noise_mine, sigmas_mine = noise[mine].to(device), sigmas[mine].to(device)
             x_t = noisy_latents(x0, noise_mine, sigmas_mine)
