@@ -13,7 +13,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml scripts/install_torch.sh scripts/install_fonts.sh
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@PYTHON=$(PY) scripts/install_torch.sh
-	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,ocr]'
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,ocr,quant]'
 	@scripts/install_fonts.sh
 	@touch $(STAMP)
 	@echo "setup: ready ($(VENV))"

@@ -53,6 +53,23 @@ def train(
     typer.echo(f"LoRA: {result.output / 'lora.safetensors'}  loss plot: {result.output / 'loss.png'}")
 
 
+@app.command()
+def plan(
+    config: Path = typer.Argument(..., help="training YAML (see configs/)"),
+    vram: float | None = typer.Option(None, "--vram", help="GPU memory budget in GiB: recommend settings that fit"),
+    text_tokens: int = typer.Option(256, "--text-tokens", help="text tokens per caption to plan for"),
+    set_: list[str] = typer.Option([], "--set", help="override a config key: --set train.batch_size=2"),
+) -> None:
+    """Estimate a training config's peak GPU memory before running it (no weights needed)."""
+    from .config import load_train_config
+    from .plan import format_plan, plan_config
+
+    cfg = load_train_config(config, set_)
+    _quiet_libraries()
+    result, fit = plan_config(cfg, vram, text_tokens)
+    typer.echo(format_plan(result, vram, fit), nl=False)
+
+
 @dataset_app.command("check")
 def dataset_check(
     folder: Path = typer.Argument(..., help="images with .txt captions and/or metadata.jsonl"),

@@ -22,6 +22,8 @@ class ModelConfig(_Strict):
     revision: str | None = None
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"  # the frozen base weights
     vae_dtype: Literal["bf16", "fp16", "fp32"] = "fp32"  # used only while caching latents
+    # weight-only quantisation of the frozen DiT (torchao); the LoRA on top trains in fp32
+    quantize: Literal["none", "int8", "float8"] = "none"
 
 
 class DataConfig(_Strict):
@@ -79,6 +81,8 @@ class TrainConfig(_Strict):
     # bf16 autocast over fp32 LoRA weights; fp16 would need loss scaling, which we do not ship
     mixed_precision: Literal["no", "bf16"] = "bf16"
     gradient_checkpointing: bool = True
+    # torch.compile of the repeated transformer block only (regional): compiles once, reused 36 times
+    compile: bool = False
     seed: int = 42
     device: str | None = None  # default: cuda if available, else cpu
     timesteps: TimestepConfig = TimestepConfig()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import struct
+import warnings
 from pathlib import Path
 
 import torch
@@ -52,7 +53,10 @@ def add_lora(transformer, rank: int, alpha: float, targets: list[str], dropout: 
         r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, init_lora_weights=True
     )
     transformer.requires_grad_(False)
-    transformer.add_adapter(config, adapter_name=ADAPTER_NAME)
+    with warnings.catch_warnings():
+        # over a torchao-quantised base peft warns that merge() is unavailable: we never merge into it
+        warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated")
+        transformer.add_adapter(config, adapter_name=ADAPTER_NAME)
     return config
 
 

@@ -51,6 +51,7 @@ from ..models.loading import (
     parse_dtype,
     pixel_multiple,
 )
+from ..models.quantize import quantize_base
 from ..plots import save_image_grid, save_loss_plot
 from .run_dir import (
     check_resume_config,
@@ -185,6 +186,7 @@ def train(
     # -- 2. model: the DiT alone, a LoRA on it --------------------------------------------------------
     weight_dtype = parse_dtype(cfg.model.dtype)
     transformer = load_transformer(cfg.model.name, dtype=weight_dtype, device=device, revision=cfg.model.revision)
+    quantize_base(transformer, cfg.model.quantize)
     sched_cfg = load_component_config(cfg.model.name, "scheduler", cfg.model.revision)
     shift = tcfg.timesteps.shift
     shift = float(sched_cfg.get("shift", 1.0)) if shift == "official" else (1.0 if shift == "none" else float(shift))
@@ -202,6 +204,8 @@ def train(
         p.data = p.data.float()  # LoRA weights train in fp32 over a bf16 base
     if tcfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
+    if tcfg.compile:
+        transformer.compile_repeated_blocks()  # diffusers: torch.compile each ErnieImageSharedAdaLNBlock
     transformer.train()
 
     optimizer = make_optimizer(params, tcfg)

@@ -1,0 +1,1 @@
+"""Pairwise judgement: Swiss-system pairing, Bradley-Terry / Elo scores, aesthetic levels."""
