@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
@@ -29,7 +28,7 @@ from ernie_lora.config import TrainRunConfig  # noqa: E402
 from ernie_lora.lora import add_lora, resolve_targets  # noqa: E402
 from ernie_lora.models.loading import ERNIE_IMAGE_TRANSFORMER_CONFIG  # noqa: E402
 from ernie_lora.models.quantize import quantize_base  # noqa: E402
-from ernie_lora.plan import Profiles, Settings, build_dit, estimate  # noqa: E402
+from ernie_lora.plan import Profiles, Settings, build_dit, estimate, narrowed, training_step  # noqa: E402
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}  # dense bf16
 
@@ -61,18 +60,9 @@ def run_variant(name: str, config: dict, device: torch.device, side: int, text_t
         model.compile_repeated_blocks()
     model.train()
     opt = torch.optim.AdamW(params, lr=1e-4)
-    x0 = torch.randn(1, config["in_channels"], side, side, device=device)
-    text = torch.randn(1, text_tokens, config["text_in_dim"], device=device, dtype=torch.bfloat16)
-    lens = torch.full((1,), text_tokens, device=device)
 
     def step() -> None:
-        noise = torch.randn_like(x0)
-        sigma = torch.rand(1, device=device)
-        x_t = (1 - sigma) * x0 + sigma * noise
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            pred = model(hidden_states=x_t.to(torch.bfloat16), timestep=(sigma * 1000).to(torch.bfloat16),
-                         text_bth=text, text_lens=lens, return_dict=False)[0]
-        F.mse_loss(pred.float(), noise - x0).backward()
+        training_step(model, side, text_tokens, 1, autocast=True)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -111,11 +101,7 @@ def main() -> None:
     if args.layers:
         config["num_layers"] = args.layers
     if args.scale > 1:
-        heads = max(1, config["num_attention_heads"] // args.scale)
-        config.update(hidden_size=config["hidden_size"] // args.scale, ffn_hidden_size=config["ffn_hidden_size"]
-                      // args.scale, num_attention_heads=heads)
-        head_dim = config["hidden_size"] // heads
-        config["rope_axes_dim"] = (head_dim - 2 * (3 * head_dim // 8), 3 * head_dim // 8, 3 * head_dim // 8)
+        config, _ = narrowed(config, config["hidden_size"] // args.scale)
     side, text_tokens = args.resolution // 16, 256
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")

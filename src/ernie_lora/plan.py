@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from .config import TrainRunConfig
 from .data.buckets import make_buckets
+from .flow import model_timesteps, noisy_latents, velocity_target
 from .lora import add_lora, resolve_targets
 from .models.loading import parse_dtype, pixel_multiple, transformer_config
 from .models.quantize import quantizable, quantize_base, quantized_weight_bytes
@@ -88,19 +89,19 @@ def build_dit(config: dict, dtype: torch.dtype, device: str = "cpu"):
 
 
 def training_step(model, image_side: int, text_tokens: int, batch: int, autocast: bool) -> None:
-    """One flow-matching forward and backward as the LoRA recipe runs it (inputs made inside: counted)."""
+    """One flow-matching forward and backward as the LoRA recipe runs it, on the model's device (inputs
+    are made inside, so a memory measurement counts them)."""
     cfg = model.config
-    dtype = model.dtype
-    x0 = torch.randn(batch, cfg.in_channels, image_side, image_side)
+    dtype, device = model.dtype, model.device
+    x0 = torch.randn(batch, cfg.in_channels, image_side, image_side, device=device)
     noise = torch.randn_like(x0)
-    sigma = torch.rand(batch)
-    x_t = (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * noise
-    text = torch.randn(batch, text_tokens, cfg.text_in_dim, dtype=dtype)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        pred = model(hidden_states=x_t.to(dtype), timestep=(sigma * 1000).to(dtype), text_bth=text,
-                     text_lens=torch.full((batch,), text_tokens), return_dict=False)[0]
-    loss = F.mse_loss(pred.float(), (noise - x0).float())
-    loss.backward()
+    sigma = torch.rand(batch, device=device)
+    text = torch.randn(batch, text_tokens, cfg.text_in_dim, dtype=dtype, device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        pred = model(hidden_states=noisy_latents(x0, noise, sigma).to(dtype),
+                     timestep=model_timesteps(sigma).to(dtype), text_bth=text,
+                     text_lens=torch.full((batch,), text_tokens, device=device), return_dict=False)[0]
+    F.mse_loss(pred.float(), velocity_target(x0, noise).float()).backward()
 
 
 @dataclass
