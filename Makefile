@@ -10,11 +10,12 @@ DEMO_OUT ?= demo-output
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/install_torch.sh scripts/install_fonts.sh
+$(STAMP): pyproject.toml scripts/install_torch.sh scripts/install_fonts.sh scripts/install_browser.sh
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@PYTHON=$(PY) scripts/install_torch.sh
 	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,ocr,quant]'
 	@scripts/install_fonts.sh
+	@scripts/install_browser.sh
 	@touch $(STAMP)
 	@echo "setup: ready ($(VENV))"
 

@@ -10,7 +10,7 @@ measured peak.
     python bench/gpu_8b.py --layers 2 --scale 8  # a CPU smoke run: 2 blocks at 1/8 width, 256² tokens
 
 Variants: bf16, bf16 + checkpointing, int8 base + checkpointing, float8 base + checkpointing,
-bf16 + checkpointing + regional compile.
+bf16 + checkpointing + regional compile, bf16 + checkpointing with half the blocks swapped to CPU.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from ernie_lora.config import TrainRunConfig  # noqa: E402
 from ernie_lora.lora import add_lora, resolve_targets  # noqa: E402
+from ernie_lora.models.block_swap import BlockSwap  # noqa: E402
 from ernie_lora.models.loading import ERNIE_IMAGE_TRANSFORMER_CONFIG  # noqa: E402
 from ernie_lora.models.quantize import quantize_base  # noqa: E402
 from ernie_lora.plan import Profiles, Settings, build_dit, estimate, narrowed, training_step  # noqa: E402
@@ -46,7 +47,7 @@ def step_flops(config: dict, image_tokens: int, text_tokens: int, rank: int, che
 
 
 def run_variant(name: str, config: dict, device: torch.device, side: int, text_tokens: int, *, quantize: str,
-                checkpointing: bool, compile_blocks: bool, steps: int, warmup: int) -> dict:
+                checkpointing: bool, compile_blocks: bool, steps: int, warmup: int, block_swap: int = 0) -> dict:
     torch.manual_seed(0)
     model = build_dit(config, torch.bfloat16, device=str(device))
     quantize_base(model, quantize)
@@ -56,6 +57,7 @@ def run_variant(name: str, config: dict, device: torch.device, side: int, text_t
         p.data = p.data.float()
     if checkpointing:
         model.enable_gradient_checkpointing()
+    swap = BlockSwap(model, block_swap, device) if block_swap else None
     if compile_blocks:
         model.compile_repeated_blocks()
     model.train()
@@ -63,6 +65,8 @@ def run_variant(name: str, config: dict, device: torch.device, side: int, text_t
 
     def step() -> None:
         training_step(model, side, text_tokens, 1, autocast=True)
+        if swap:
+            swap.park_all()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -112,11 +116,12 @@ def main() -> None:
           f"{side * side} image + {text_tokens} text tokens, LoRA r16 attn+mlp, batch 1")
 
     variants = [
-        ("bf16", "none", False, False),
-        ("bf16+ckpt", "none", True, False),
-        ("int8+ckpt", "int8", True, False),
-        ("float8+ckpt", "float8", True, False),
-        ("bf16+ckpt+compile", "none", True, True),
+        ("bf16", "none", False, False, 0),
+        ("bf16+ckpt", "none", True, False, 0),
+        ("int8+ckpt", "int8", True, False, 0),
+        ("float8+ckpt", "float8", True, False, 0),
+        ("bf16+ckpt+compile", "none", True, True, 0),
+        (f"bf16+ckpt+swap{config['num_layers'] // 2}", "none", True, False, config["num_layers"] // 2),
     ]
     if args.only:
         keep = set(args.only.split(","))
@@ -125,17 +130,18 @@ def main() -> None:
                                          "data": {"resolution": args.resolution, "max_aspect_ratio": 1.0}})
     profiles = Profiles(cfg, config)
     print(f"{'variant':<20}{'s/it':>8}{'peak GiB':>10}{'planned GiB':>13}{'TFLOP/step':>12}{'MFU':>7}")
-    for name, quantize, ckpt, comp in variants:
+    for name, quantize, ckpt, comp, swapped in variants:
         try:
             r = run_variant(name, config, device, side, text_tokens, quantize=quantize, checkpointing=ckpt,
-                            compile_blocks=comp, steps=args.steps, warmup=args.warmup)
+                            compile_blocks=comp, steps=args.steps, warmup=args.warmup, block_swap=swapped)
         except torch.OutOfMemoryError:
             print(f"{name:<20}{'OOM':>8}")
             torch.cuda.empty_cache()
             continue
         if cuda:
             torch.cuda.empty_cache()  # the variant's model is gone with run_variant's frame
-        plan = estimate(cfg, Settings(quantize, ckpt, "adamw", 1, args.resolution), profiles, config, text_tokens, 16)
+        plan = estimate(cfg, Settings(quantize, ckpt, "adamw", 1, args.resolution, block_swap=swapped), profiles,
+                        config, text_tokens, 16)
         planned = plan.total - dict(plan.rows)["CUDA context + allocator slack (assumed)"]
         mfu = r["flops"] / r["s_it"] / (peak_tflops * 1e12) if peak_tflops and cuda else float("nan")
         print(f"{name:<20}{r['s_it']:>8.3f}{r['peak'] / 2**30:>10.2f}{planned / 2**30:>13.2f}"

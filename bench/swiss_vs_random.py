@@ -12,7 +12,6 @@ seeds) and their ratio.
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import statistics
 import sys
@@ -21,13 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from ernie_lora.rank.scores import bradley_terry, spearman  # noqa: E402
+from ernie_lora.rank.simulate import judge  # noqa: E402
 from ernie_lora.rank.swiss import standings, swiss_round  # noqa: E402
-
-
-def judge(qa: float, qb: float, noise: float, tie: float, rng: random.Random) -> float:
-    if rng.random() < tie * math.exp(-abs(qa - qb)):
-        return 0.5
-    return 1.0 if rng.random() < 1 / (1 + math.exp(-(qa - qb) / noise)) else 0.0
 
 
 def random_round(items: list[int], played: set[frozenset], rng: random.Random) -> list[tuple[int, int]]:

@@ -91,6 +91,13 @@ def test_resume_needs_a_checkpoint_and_the_same_config(poster_dataset, tmp_path,
                                      "--set", "lora.rank=8"], capsys)[::2])
     assert "config differs from the run" in line and "lora.rank (4 -> 8)" in line
 
+    # a run begun before a config key existed resumes: the missing key takes its default
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    del saved["data"]["sampling"], saved["model"]["block_swap"]
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(saved))
+    code, out, err = run_cli(["train", str(cfg), "-o", str(tmp_path / "run"), "--resume"], capsys)
+    assert code == 0 and "already complete" in out, err
+
 
 def test_lora_that_does_not_match_the_model(tmp_path, capsys):
     good = make_lora(tmp_path / "good.safetensors")

@@ -24,6 +24,7 @@ def _torchrun(config, output, *extra):
            *extra]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
 
 
 def _loss_rows(path):
@@ -55,3 +56,55 @@ def test_two_processes_equal_one_with_the_same_global_batch_and_resume(poster_da
     c, _ = read_lora(tmp_path / "resumed" / "lora.safetensors")
     for key in a:
         torch.testing.assert_close(c[key], a[key], rtol=1e-5, atol=1e-6)
+
+
+def test_fsdp_shards_the_base_and_trains_the_same_lora(poster_dataset, tmp_path):
+    """FSDP2 over two processes: the frozen base split in halves, the LoRA equal to one process's, resume
+    included; sampling during training runs on both processes (the forward gathers the shards)."""
+    shared = {"data": {"caption_dropout": 0.3}, "checkpoint": {"every": 2, "keep": 2},
+              "sample": {"every": 2, "prompts": ["a purple poster"], "steps": 2, "width": 32, "height": 32}}
+    single = tiny_config(poster_dataset, tmp_path / "cache", train={"batch_size": 4, "steps": 4}, **shared)
+    train(single, tmp_path / "one", progress=False)
+
+    sharded = tiny_config(poster_dataset, tmp_path / "cache", train={"batch_size": 2, "steps": 4, "fsdp": True},
+                          **shared)
+    config = tmp_path / "fsdp.yaml"
+    config.write_text(yaml.safe_dump(sharded.model_dump(mode="json")))
+    out = _torchrun(config, tmp_path / "fsdp", "--set", "train.steps=2")
+    assert "fsdp: the frozen base is sharded over 2 processes" in out
+    _torchrun(config, tmp_path / "fsdp", "--resume")
+    a, _ = read_lora(tmp_path / "one" / "lora.safetensors")
+    b, _ = read_lora(tmp_path / "fsdp" / "lora.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+    assert sorted(p.name for p in (tmp_path / "fsdp" / "samples").iterdir()) == ["step-000002.png",
+                                                                                  "step-000004.png"]
+
+
+def test_fsdp_holds_half_the_frozen_weights_per_process(tmp_path):
+    script = tmp_path / "shard.py"
+    script.write_text(
+        "import torch, torch.distributed as dist\n"
+        "from ernie_lora.lora import add_lora, resolve_targets\n"
+        "from ernie_lora.models import load_transformer\n"
+        "from ernie_lora.recipes.lora import shard_frozen_base\n"
+        "dist.init_process_group('gloo')\n"
+        "m = load_transformer('tiny', dtype='fp32')\n"
+        "whole = sum(p.numel() for p in m.layers.parameters())\n"
+        "add_lora(m, 4, 8.0, resolve_targets(m, 'attn_mlp'))\n"
+        "lora = [p for p in m.parameters() if p.requires_grad]\n"
+        "shard_frozen_base(m, lora, torch.device('cpu'), 2)\n"
+        "held = sum(p.to_local().numel() for p in m.layers.parameters() if not p.requires_grad)\n"
+        "print(f'rank {dist.get_rank()} holds {held} of {whole}')\n"
+        "assert all(type(p) is torch.nn.Parameter for p in lora)\n"
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(script)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("rank")]
+    assert len(lines) == 2, done.stdout
+    for line in lines:
+        held, whole = int(line.split()[3]), int(line.split()[5])
+        assert abs(held - whole / 2) <= 64, line  # a row's remainder at most

@@ -92,11 +92,14 @@ def test_planned_weights_equal_the_bytes_torch_holds(quantize):
 
 def test_cascade_turns_down_cheapest_first():
     base = Settings("none", False, "adamw", 4, 1024)
-    steps = [s.describe(base) for s in _cascade(base, 16)]
+    steps = [s.describe(base) for s in _cascade(base, 16, layers=3)]
     assert steps[0] == ["train.gradient_checkpointing=true"]
     assert set(steps[1]) == {"train.gradient_checkpointing=true", "model.quantize=int8"}
     assert set(steps[2]) - set(steps[1]) == {"train.optimizer=adamw8bit"}
-    assert "train.batch_size=1" in steps[4] and "data.resolution=256" in steps[-1]
+    # then the unquantised base with 1, 2, 3 blocks swapped; then batch and resolution with all swapped
+    assert [set(s) - set(steps[2]) for s in steps[3:6]] == [{f"model.block_swap={n}"} for n in (1, 2, 3)]
+    assert all("model.quantize=int8" not in s for s in steps[3:])
+    assert "train.batch_size=1" in steps[7] and "data.resolution=256" in steps[-1]
 
 
 def test_plan_recommends_settings_that_fit(poster_dataset, tmp_path):
@@ -160,3 +163,23 @@ def test_regional_compile_compiles_the_repeated_block(poster_dataset, tmp_path, 
     cfg = tiny_config(poster_dataset, tmp_path / "cache", train={"steps": 2, "compile": True})
     result = train(cfg, tmp_path / "run", progress=False)
     assert compiled == ["ErnieImageTransformer2DModel"] and result.steps_done == 2
+
+
+def test_fsdp_plan_holds_a_share_of_the_blocks_per_gpu():
+    cfg = _cfg("bf16", "bf16")
+    profiles = Profiles(cfg, SMALL_DIT)
+    one = dict(estimate(cfg, Settings("none", True, "adamw", 1, 64), profiles, SMALL_DIT, 16, 16).rows)
+    four = dict(estimate(cfg, Settings("none", True, "adamw", 1, 64, fsdp_shards=4), profiles, SMALL_DIT, 16,
+                         16).rows)
+    block = sum(p.numel() * 2 for p in build_dit(SMALL_DIT, torch.bfloat16, "meta").layers[0].parameters())
+    whole = next(b for k, b in one.items() if k.startswith("frozen"))
+    sharded = next(b for k, b in four.items() if k.startswith("frozen"))
+    assert whole - sharded == SMALL_DIT["num_layers"] * block * 3 // 4  # three quarters of the blocks elsewhere
+    assert four["fsdp: 2 blocks gathered at once (prefetch)"] == 2 * block
+
+
+def test_fsdp_with_a_quantized_base_is_refused_naming_both_keys(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  quantize: int8\ntrain:\n  fsdp: true\n")
+    code, _, err = run_cli(["plan", str(bad)], capsys)
+    assert code == 2 and f"{bad}: train.fsdp:" in err and "model.quantize: none" in err

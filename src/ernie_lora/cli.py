@@ -21,6 +21,10 @@ lora_app = typer.Typer(no_args_is_help=True, help="LoRA files: info, verify, con
 app.add_typer(lora_app, name="lora")
 caption_app = typer.Typer(no_args_is_help=True, help="Captions in the layout language: lint and auto-caption.")
 app.add_typer(caption_app, name="caption")
+rank_app = typer.Typer(no_args_is_help=True, help="Swiss-tournament annotation: serve, scores, simulate.")
+app.add_typer(rank_app, name="rank")
+aes_app = typer.Typer(no_args_is_help=True, help="Aesthetic scorer: train, score, eval.")
+app.add_typer(aes_app, name="aes")
 
 
 def _quiet_libraries() -> None:
@@ -58,6 +62,7 @@ def plan(
     config: Path = typer.Argument(..., help="training YAML (see configs/)"),
     vram: float | None = typer.Option(None, "--vram", help="GPU memory budget in GiB: recommend settings that fit"),
     text_tokens: int = typer.Option(256, "--text-tokens", help="text tokens per caption to plan for"),
+    gpus: int = typer.Option(1, "--gpus", min=1, help="processes the run will use (with train.fsdp: the shards)"),
     set_: list[str] = typer.Option([], "--set", help="override a config key: --set train.batch_size=2"),
 ) -> None:
     """Estimate a training config's peak GPU memory before running it (no weights needed)."""
@@ -66,7 +71,7 @@ def plan(
 
     cfg = load_train_config(config, set_)
     _quiet_libraries()
-    result, fit = plan_config(cfg, vram, text_tokens)
+    result, fit = plan_config(cfg, vram, text_tokens, gpus=gpus)
     typer.echo(format_plan(result, vram, fit), nl=False)
 
 
@@ -106,6 +111,24 @@ def dataset_synth(
     chosen = tuple(c.strip() for c in colours.split(",")) if colours else None
     folder = write_synthetic_dataset(out, count, None if kind == "all" else kind, seed, chosen, overwrite=overwrite)
     typer.echo(f"wrote {count} images to {folder}")
+
+
+@dataset_app.command("stats")
+def dataset_stats(
+    folder: Path = typer.Argument(..., help="dataset folder (categories from metadata.jsonl or sub-folders)"),
+    aesthetic: Path | None = typer.Option(None, "--aesthetic", help="aesthetic.jsonl from `rank scores`"),
+    temperature: float = typer.Option(1.0, "--temperature", help="weights ** (1 / T); > 1 flattens"),
+    depth: int | None = typer.Option(None, "--depth", min=1, help="cut category paths to this many levels"),
+    chart: Path = typer.Option(Path("category_stats.png"), "--chart", help="bar chart PNG (kept out of FOLDER)"),
+) -> None:
+    """Images, mean aesthetic and hierarchical-sampling share per category; writes a bar chart."""
+    from .data.categories import list_images
+    from .data.sampling import aesthetic_levels, category_stats, format_stats, save_stats_chart
+
+    levels = aesthetic_levels(aesthetic) if aesthetic else None
+    stats = category_stats(list_images(folder), levels, temperature, depth)
+    typer.echo(format_stats(stats), nl=False)
+    typer.echo(f"chart: {save_stats_chart(stats, chart)}")
 
 
 def _scored_folder(folder: Path, score_folder) -> list:
@@ -374,6 +397,125 @@ def generate(
     )
     for path in paths:
         typer.echo(str(path))
+
+
+@rank_app.command("serve")
+def rank_serve(
+    folder: Path = typer.Argument(..., help="the images to compare (sub-folders included)"),
+    db: Path | None = typer.Option(None, "--db", help="SQLite file (default: FOLDER/annotations.sqlite)"),
+    host: str = typer.Option("127.0.0.1", "--host", help="any other address needs --token"),
+    port: int = typer.Option(8765, "--port"),
+    token: str | None = typer.Option(None, "--token", envvar="ERNIE_LORA_TOKEN",
+                                     help="every request must carry it (?token=, X-Token or the page's cookie)"),
+) -> None:
+    """Serve the pairwise annotation page: ← / → / ↓ (tie) / s (skip) / u (undo)."""
+    from .rank.app import serve
+
+    serve(folder, db, host, port, token)
+
+
+@rank_app.command("scores")
+def rank_scores(
+    db: Path = typer.Argument(..., help="annotations.sqlite"),
+    out: Path | None = typer.Option(None, "--out", "-o", help="folder (default: beside DB, scores/)"),
+    bootstrap: int = typer.Option(200, "--bootstrap", min=10, help="resamples for the confidence intervals"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """Bradley-Terry scores with intervals, Elo, levels 1-10 -> scores.csv, pairs.jsonl, aesthetic.jsonl."""
+    from .rank.export import export_scores
+
+    summary = export_scores(db, out or db.parent / "scores", bootstrap=bootstrap, overwrite=overwrite)
+    typer.echo(f"{summary.images} images, {summary.votes} votes -> {summary.out}/scores.csv, aesthetic.jsonl; "
+               f"pairs.jsonl: {summary.pairs_from_votes} same-prompt votes + {summary.pairs_from_scores} by score")
+
+
+@rank_app.command("synth")
+def rank_synth(
+    out: Path = typer.Argument(..., help="new folder"),
+    prompts: int = typer.Option(50, "--prompts", min=1),
+    per_prompt: int = typer.Option(4, "--per-prompt", min=1),
+    seed: int = typer.Option(0),
+) -> None:
+    """Simulated data: synthetic layouts degraded by a hidden quality (kept in metadata.jsonl)."""
+    from .rank.simulate import write_quality_dataset
+
+    folder = write_quality_dataset(out, prompts, per_prompt, seed)
+    typer.echo(f"wrote {prompts * per_prompt} images to {folder}")
+
+
+@rank_app.command("simulate")
+def rank_simulate(
+    folder: Path = typer.Argument(..., help="a `rank synth` folder (hidden quality in metadata.jsonl)"),
+    votes: int = typer.Option(800, "--votes", min=1),
+    annotators: int = typer.Option(3, "--annotators", min=1),
+    noise: float = typer.Option(0.1, "--noise", min=0.001, help="annotator noise on the 0-1 quality scale"),
+    db: Path | None = typer.Option(None, "--db"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Simulated annotators vote through the same database the web app uses."""
+    from .data.categories import list_images
+    from .rank.simulate import hidden_quality, simulate_annotators
+    from .rank.store import AnnotationStore
+
+    store = AnnotationStore.create_or_open(db or folder / "annotations.sqlite", folder, list_images(folder))
+    cast = simulate_annotators(store, hidden_quality(folder), votes, annotators, noise, seed=seed)
+    typer.echo(f"{cast} votes in {store.path}")
+
+
+@aes_app.command("train")
+def aes_train(
+    folder: Path = typer.Argument(..., help="the images (the dataset folder the labels name)"),
+    labels: Path | None = typer.Option(None, "--labels", help="aesthetic.jsonl: regression on levels"),
+    db: Path | None = typer.Option(None, "--db", help="annotations.sqlite: train on the votes (ranking loss)"),
+    out: Path = typer.Option(Path("aesthetic.safetensors"), "--out", "-o"),
+    encoder: str = typer.Option("builtin", "--encoder", help="builtin, or hf:NAME_OR_FOLDER (CLIP/SigLIP)"),
+    holdout: float = typer.Option(0.2, "--holdout", min=0.0, max=0.9, help="share kept out for eval"),
+    epochs: int = typer.Option(400, "--epochs", min=1),
+    seed: int = typer.Option(0),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """Train the aesthetic head on frozen features."""
+    from .eval.aesthetic import train_command
+
+    _quiet_libraries()
+    scorer, check = train_command(folder, out, labels=labels, db=db, encoder=encoder, holdout=holdout,
+                                  epochs=epochs, seed=seed, overwrite=overwrite)
+    typer.echo(f"scorer: {out} ({scorer.encoder_name}; {len(scorer.holdout)} images held out)")
+    if check:
+        typer.echo(f"held-out levels: SRCC {check.srcc:.3f}  PLCC {check.plcc:.3f}  KRCC {check.krcc:.3f}")
+
+
+@aes_app.command("score")
+def aes_score(
+    folder: Path = typer.Argument(...),
+    model: Path = typer.Option(Path("aesthetic.safetensors"), "--model", "-m"),
+) -> None:
+    """Score every image of a folder, best first."""
+    from .eval.aesthetic import score_folder
+
+    _quiet_libraries()
+    for name, score in score_folder(model, folder):
+        typer.echo(f"{score:8.3f}  {name}")
+
+
+@aes_app.command("eval")
+def aes_eval(
+    folder: Path = typer.Argument(..., help="the images"),
+    model: Path = typer.Option(Path("aesthetic.safetensors"), "--model", "-m"),
+    labels: Path | None = typer.Option(None, "--labels", help="aesthetic.jsonl (default: FOLDER/metadata.jsonl)"),
+    key: str = typer.Option("score", "--key", help="the truth: score, level, or a metadata key such as quality"),
+    all_images: bool = typer.Option(False, "--all", help="every labelled image, not only those held out"),
+    plot: Path = typer.Option(Path("aesthetic_scatter.png"), "--plot"),
+) -> None:
+    """SRCC, PLCC (after the 4-parameter logistic fit) and KRCC against the truth; a scatter plot."""
+    from .eval.aesthetic import eval_command
+
+    _quiet_libraries()
+    result, subset = eval_command(model, folder, labels=labels, key=key, all_images=all_images, plot=plot)
+    fit = "after the 4-parameter logistic" if result.fitted else "linear: the logistic fit failed"
+    typer.echo(f"{result.n} images ({subset}) against {key}: SRCC {result.srcc:.4f}  PLCC {result.plcc:.4f} "
+               f"({fit})  KRCC {result.krcc:.4f}")
+    typer.echo(f"scatter: {plot}")
 
 
 @app.command()

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
 
@@ -24,6 +24,24 @@ class ModelConfig(_Strict):
     vae_dtype: Literal["bf16", "fp16", "fp32"] = "fp32"  # used only while caching latents
     # weight-only quantisation of the frozen DiT (torchao); the LoRA on top trains in fp32
     quantize: Literal["none", "int8", "float8"] = "none"
+    # frozen weights of this many transformer blocks stay in CPU memory, copied in per block (see
+    # models/block_swap.py): for GPUs smaller than the base; costs transfer time, not quality
+    block_swap: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _swap_unquantized(self) -> ModelConfig:
+        if self.block_swap and self.quantize != "none":
+            raise ValueError("block_swap: works on an unquantised base only; set model.quantize: none")
+        return self
+
+
+class SamplingConfig(_Strict):
+    """How samples are drawn each epoch (see data/sampling.py)."""
+
+    by: Literal["uniform", "category"] = "uniform"  # category: weight = images x mean aesthetic level
+    aesthetic: str | None = None  # aesthetic.jsonl from `ernie-lora rank scores` (relative to this file)
+    temperature: float = Field(1.0, gt=0)  # weights ** (1 / temperature)
+    depth: int | None = Field(None, gt=0)  # cut category paths to this many levels
 
 
 class DataConfig(_Strict):
@@ -36,6 +54,7 @@ class DataConfig(_Strict):
     # one drawn per sample and step: the same caption worded as users write prompts (ERNIE-Image SFT)
     caption_styles: list[Literal["natural", "keyword", "instruction"]] = ["natural"]
     cache_dir: str | None = None  # default: <dataset>/.ernie_lora_cache
+    sampling: SamplingConfig = SamplingConfig()
 
     @field_validator("caption_styles")
     @classmethod
@@ -83,6 +102,9 @@ class TrainConfig(_Strict):
     gradient_checkpointing: bool = True
     # torch.compile of the repeated transformer block only (regional): compiles once, reused 36 times
     compile: bool = False
+    # with several processes: shard the frozen base over them (FSDP2), each GPU holds 1/N of its
+    # weights; the LoRA stays whole on every GPU and its gradients are averaged as without FSDP
+    fsdp: bool = False
     seed: int = 42
     device: str | None = None  # default: cuda if available, else cpu
     timesteps: TimestepConfig = TimestepConfig()
@@ -120,17 +142,25 @@ class TrainRunConfig(_Strict):
     sample: SampleConfig = SampleConfig()
     provenance: ProvenanceConfig = ProvenanceConfig()
 
+    @model_validator(mode="after")
+    def _fsdp_shards_a_plain_base(self) -> TrainRunConfig:
+        if self.train.fsdp and (self.model.block_swap or self.model.quantize != "none"):
+            raise ValueError("train.fsdp: shards an unquantised base held on the GPUs; "
+                             "set model.quantize: none and model.block_swap: 0 (or train.fsdp: false)")
+        return self
+
 
 def _format_error(source: str, exc: ValidationError) -> str:
     err = exc.errors()[0]
-    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-    msg = err["msg"]
+    # a check across sections names its keys in the message itself
+    key = ".".join(str(p) for p in err["loc"]) or ""
+    msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
     got = err.get("input")
     extra = "" if err["type"] == "extra_forbidden" or isinstance(got, dict) else f" (got {got!r})"
     more = f" [+{len(exc.errors()) - 1} more]" if len(exc.errors()) > 1 else ""
-    return f"{source}: {key}: {msg}{extra}{more}"
+    return f"{source}: {key + ': ' if key else ''}{msg}{extra}{more}"
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -183,6 +213,9 @@ def load_train_config(path: str | Path, overrides: list[str] | None = None) -> T
         value = getattr(cfg.data, attr)
         if value and not Path(value).is_absolute():
             setattr(cfg.data, attr, str((base / value).resolve()))
+    aesthetic = cfg.data.sampling.aesthetic
+    if aesthetic and not Path(aesthetic).is_absolute():
+        cfg.data.sampling.aesthetic = str((base / aesthetic).resolve())
     if cfg.lora.init_from and not Path(cfg.lora.init_from).is_absolute():
         cfg.lora.init_from = str((base / cfg.lora.init_from).resolve())
     local_model = base / cfg.model.name

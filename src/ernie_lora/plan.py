@@ -25,6 +25,7 @@ from .config import TrainRunConfig
 from .data.buckets import make_buckets
 from .flow import model_timesteps, noisy_latents, velocity_target
 from .lora import add_lora, resolve_targets
+from .models.block_swap import BlockSwap
 from .models.loading import parse_dtype, pixel_multiple, transformer_config
 from .models.quantize import quantizable, quantize_base, quantized_weight_bytes
 
@@ -129,8 +130,9 @@ def _lora_grad_bytes(model) -> int:
 
 
 def measure_step(cfg: TrainRunConfig, dit_config: dict, image_side: int, text_tokens: int, batch: int = 1,
-                 checkpointing: bool | None = None) -> int:
-    """Peak bytes of one training step beyond the weights (activations, transients, LoRA gradients), measured."""
+                 checkpointing: bool | None = None, block_swap: int = 0) -> int:
+    """Peak bytes of one training step beyond the weights (activations, transients, LoRA gradients), measured.
+    With ``block_swap`` the swapped blocks' copies made during the step are counted too."""
     dtype = parse_dtype(cfg.model.dtype)
     checkpointing = cfg.train.gradient_checkpointing if checkpointing is None else checkpointing
     torch.manual_seed(0)
@@ -143,6 +145,8 @@ def measure_step(cfg: TrainRunConfig, dit_config: dict, image_side: int, text_to
     if checkpointing:
         model.enable_gradient_checkpointing()
     model.train()
+    if block_swap:
+        BlockSwap(model, block_swap, "cpu")
     autocast = cfg.train.mixed_precision == "bf16"
     return peak_allocated_bytes(lambda: training_step(model, image_side, text_tokens, batch, autocast))
 
@@ -220,10 +224,13 @@ class Settings:
     optimizer: str
     batch_size: int
     resolution: int
+    block_swap: int = 0
+    fsdp_shards: int = 1  # processes the frozen base is sharded over (train.fsdp)
 
     def describe(self, base: Settings) -> list[str]:
         keys = {"quantize": "model.quantize", "gradient_checkpointing": "train.gradient_checkpointing",
-                "optimizer": "train.optimizer", "batch_size": "train.batch_size", "resolution": "data.resolution"}
+                "optimizer": "train.optimizer", "batch_size": "train.batch_size", "resolution": "data.resolution",
+                "block_swap": "model.block_swap"}
         changes = []
         for attr, key in keys.items():
             if getattr(self, attr) != getattr(base, attr):
@@ -283,14 +290,27 @@ def estimate(cfg: TrainRunConfig, settings: Settings, profiles: Profiles, dit_co
     dtype = parse_dtype(cfg.model.dtype)
     meta = build_dit(dit_config, dtype, device="meta")
     weights, params = _weight_bytes(meta, dtype, settings.quantize)
+    block_weights = sum(p.numel() for p in meta.layers[0].parameters()) * (torch.finfo(dtype).bits // 8)
+    swapped, shards = settings.block_swap, settings.fsdp_shards
+    in_flight = min(2, swapped)  # a block's copy lives through its forward and its backward; two overlap
+    blocks = dit_config["num_layers"]
     lora = _lora_param_count(meta, cfg)
     image_tokens = max_image_tokens(settings.resolution, multiple, cfg.data.max_aspect_ratio)
     tokens = image_tokens + text_tokens
     state_bytes = 2 if settings.optimizer == "adamw8bit" else 8  # AdamW: two fp32 moments; 8-bit: two bytes
     act = profiles[settings.gradient_checkpointing, settings.quantize].bytes(
         tokens, settings.batch_size, dit_config["num_layers"])
-    rows = [
-        (f"frozen DiT weights ({_weight_label(cfg.model.dtype, settings.quantize)})", weights),
+    label = _weight_label(cfg.model.dtype, settings.quantize)
+    rows = [(f"frozen DiT weights ({label})", weights)]
+    if swapped:
+        rows = [(f"frozen DiT weights ({label}), {blocks - swapped} blocks resident",
+                 weights - swapped * block_weights),
+                (f"block swap: {in_flight} of {swapped} swapped blocks in flight", in_flight * block_weights)]
+    elif shards > 1:  # FSDP2: block shards; the root unit (embeddings, final layer) stays gathered
+        rows = [(f"frozen DiT weights ({label}), blocks sharded 1/{shards}",
+                 weights - blocks * block_weights + math.ceil(blocks * block_weights / shards)),
+                ("fsdp: 2 blocks gathered at once (prefetch)", 2 * block_weights)]
+    rows += [
         ("LoRA weights (fp32)", lora * 4),
         ("LoRA gradients (fp32)", lora * 4),
         (f"optimizer state ({settings.optimizer})", lora * state_bytes),
@@ -300,6 +320,9 @@ def estimate(cfg: TrainRunConfig, settings: Settings, profiles: Profiles, dit_co
     ]
     notes = ["text encoder and VAE: off the GPU while training (latents and embeddings are cached first)",
              "not planned: samples during training (the VAE decodes on the GPU), other processes on the GPU"]
+    if swapped:
+        notes.append(f"block swap keeps {swapped * block_weights / GiB:.2f} GiB in pinned CPU memory and copies "
+                     f"{2 * swapped * block_weights / GiB:.2f} GiB to the GPU per step (forward and backward)")
     return Plan(settings, rows, tokens, text_tokens, params, lora, notes)
 
 
@@ -307,17 +330,23 @@ def _weight_label(dtype: str, quantize: str) -> str:
     return {"none": dtype, "int8": "int8 weight-only", "float8": "float8 weight-only"}[quantize]
 
 
-def _cascade(base: Settings, multiple: int):
+def _cascade(base: Settings, multiple: int, layers: int):
     """Settings to try, in order of what they cost in quality or speed: checkpointing (speed only), int8
-    base (float8 is as small and better on Ada/Hopper), 8-bit AdamW, smaller batch, lower resolution."""
+    base (float8 is as small and better on Ada/Hopper), 8-bit AdamW, the unquantised base with the
+    fewest blocks swapped to CPU, smaller batch, lower resolution."""
     s = replace(base, gradient_checkpointing=True)
     yield s
-    if s.quantize == "none":
+    plain_only = s.block_swap or s.fsdp_shards > 1  # block swap and FSDP need the unquantised base
+    if s.quantize == "none" and not plain_only:
         s = replace(s, quantize="int8")
         yield s
     if s.optimizer != "adamw8bit":
         s = replace(s, optimizer="adamw8bit")
         yield s
+    if base.quantize == "none" and base.fsdp_shards == 1:
+        for count in range(max(1, base.block_swap + 1), layers + 1):
+            yield replace(s, quantize="none", block_swap=count)
+        s = replace(s, quantize="none", block_swap=layers)
     while s.batch_size > 1:
         s = replace(s, batch_size=s.batch_size // 2)
         yield s
@@ -328,18 +357,20 @@ def _cascade(base: Settings, multiple: int):
             yield s
 
 
-def plan_config(cfg: TrainRunConfig, vram_gib: float | None, text_tokens: int = 256) -> tuple[Plan, Plan | None]:
-    """The config's plan, and (when a budget is given) the first settings in the cascade that fit it."""
+def plan_config(cfg: TrainRunConfig, vram_gib: float | None, text_tokens: int = 256,
+                gpus: int = 1) -> tuple[Plan, Plan | None]:
+    """The config's plan per GPU, and (when a budget is given) the first settings in the cascade that fit it."""
     dit_config = transformer_config(cfg.model.name, cfg.model.revision)
     multiple = pixel_multiple(cfg.model.name, cfg.model.revision)
     profiles = Profiles(cfg, dit_config)
     base = Settings(cfg.model.quantize, cfg.train.gradient_checkpointing, cfg.train.optimizer,
-                    cfg.train.batch_size, cfg.data.resolution)
+                    cfg.train.batch_size, cfg.data.resolution, cfg.model.block_swap,
+                    gpus if cfg.train.fsdp else 1)
     plan = estimate(cfg, base, profiles, dit_config, text_tokens, multiple)
     if vram_gib is None or plan.total <= vram_gib * GiB:
         return plan, None
     candidate = plan
-    for settings in _cascade(base, multiple):
+    for settings in _cascade(base, multiple, dit_config["num_layers"]):
         candidate = estimate(cfg, settings, profiles, dit_config, text_tokens, multiple)
         if candidate.total <= vram_gib * GiB:
             break

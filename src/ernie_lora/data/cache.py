@@ -34,6 +34,7 @@ class CachedSample:
     text_files: list[Path]  # one embedding per caption style, in the configured order
     bucket: Bucket
     caption: str
+    image: Path | None = None  # the source image (its category drives hierarchical sampling)
 
     @property
     def text_file(self) -> Path:
@@ -128,7 +129,8 @@ def build_caches(
         _release_memory()
 
     samples = [
-        CachedSample(lat, [text_files[worded[item.caption, style]] for style in styles], bucket, item.caption)
+        CachedSample(lat, [text_files[worded[item.caption, style]] for style in styles], bucket, item.caption,
+                     item.image)
         for item, bucket, lat in planned
     ]
     return CachedDataset(

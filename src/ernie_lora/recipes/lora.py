@@ -30,7 +30,9 @@ from .. import __version__
 from ..config import TrainRunConfig, dump_config
 from ..data.buckets import make_buckets
 from ..data.cache import CachedDataset, CachedSample, build_caches, load_embedding, load_latent
+from ..data.categories import list_images
 from ..data.dataset import CACHE_DIR_NAME, Item, check_dataset
+from ..data.sampling import aesthetic_levels, sample_weights
 from ..errors import UserError
 from ..flow import noisy_latents, predict_velocity, sample_sigmas, velocity_target
 from ..io import atomic_write_text, sha256_text
@@ -43,6 +45,7 @@ from ..lora import (
     save_lora,
     set_lora_state,
 )
+from ..models.block_swap import BlockSwap
 from ..models.loading import (
     component_fingerprint,
     load_component_config,
@@ -71,15 +74,22 @@ class BucketBatches:
     fewer samples than there are processes (every process needs at least one).
     """
 
-    def __init__(self, samples: list[CachedSample], batch_size: int, seed: int, min_size: int = 1):
+    def __init__(self, samples: list[CachedSample], batch_size: int, seed: int, min_size: int = 1,
+                 weights: list[float] | None = None):
         self.samples, self.batch_size, self.seed, self.min_size = samples, batch_size, seed, min_size
+        # hierarchical sampling: an epoch is len(samples) draws with replacement by these weights
+        self.weights = torch.tensor(weights, dtype=torch.float64) if weights is not None else None
         self.epoch, self.index = 0, 0
         self._batches = self._epoch_batches(0)
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        drawn = range(len(self.samples))
+        if self.weights is not None:
+            drawn = torch.multinomial(self.weights, len(self.samples), replacement=True, generator=g).tolist()
         by_bucket: dict[tuple[int, int], list[int]] = {}
-        for i, s in enumerate(self.samples):
+        for i in drawn:
+            s = self.samples[i]
             by_bucket.setdefault((s.bucket.width, s.bucket.height), []).append(i)
         batches = []
         for key in sorted(by_bucket):
@@ -185,7 +195,11 @@ def train(
 
     # -- 2. model: the DiT alone, a LoRA on it --------------------------------------------------------
     weight_dtype = parse_dtype(cfg.model.dtype)
-    transformer = load_transformer(cfg.model.name, dtype=weight_dtype, device=device, revision=cfg.model.revision)
+    swap_count = cfg.model.block_swap
+    fsdp = tcfg.fsdp and world > 1
+    # block swap and FSDP load the base into CPU memory and move to the GPU only what it holds
+    transformer = load_transformer(cfg.model.name, dtype=weight_dtype,
+                                   device="cpu" if swap_count or fsdp else device, revision=cfg.model.revision)
     quantize_base(transformer, cfg.model.quantize)
     sched_cfg = load_component_config(cfg.model.name, "scheduler", cfg.model.revision)
     shift = tcfg.timesteps.shift
@@ -204,6 +218,11 @@ def train(
         p.data = p.data.float()  # LoRA weights train in fp32 over a bf16 base
     if tcfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
+    block_swap = BlockSwap(transformer, swap_count, device) if swap_count else None
+    if fsdp:
+        shard_frozen_base(transformer, params, device, world)
+        if is_main:
+            print(f"fsdp: the frozen base is sharded over {world} processes; the LoRA is replicated")
     if tcfg.compile:
         transformer.compile_repeated_blocks()  # diffusers: torch.compile each ErnieImageSharedAdaLNBlock
     transformer.train()
@@ -213,7 +232,8 @@ def train(
         tcfg.lr_scheduler, optimizer, num_warmup_steps=tcfg.warmup_steps, num_training_steps=tcfg.steps
     )
     generator = torch.Generator().manual_seed(tcfg.seed)  # noise, sigmas, caption dropout
-    batches = BucketBatches(cached.samples, tcfg.batch_size * world, tcfg.seed, min_size=world)
+    batches = BucketBatches(cached.samples, tcfg.batch_size * world, tcfg.seed, min_size=world,
+                            weights=_sampling_weights(cfg, cached.samples))
     empty_embedding = load_embedding(cached.empty_text_file)
     history: list[tuple[int, float, float]] = []
     step = 0
@@ -236,7 +256,8 @@ def train(
     # written only now: a run that failed on its data or model leaves no run behind to refuse later
     if is_main:
         atomic_write_text(output / "config.yaml", dump_config(cfg))
-    sampler = _Sampler(cfg, cached, transformer, device) if cfg.sample.prompts and is_main else None
+    # under FSDP every process runs the sampler's forward passes (they gather the shards); the main one writes
+    sampler = _Sampler(cfg, cached, transformer, device) if cfg.sample.prompts and (is_main or fsdp) else None
     autocast_dtype = torch.bfloat16 if tcfg.mixed_precision == "bf16" else None
     loss_file = _open_loss_csv(output / "loss.csv", history) if is_main else None
     bar = tqdm(total=tcfg.steps, initial=step, desc="training", unit="step", disable=not (progress and is_main))
@@ -271,6 +292,8 @@ def train(
             if not torch.isfinite(loss):
                 raise UserError(f"step {step + 1}: loss is {loss.item()}; lower train.lr or use mixed_precision bf16")
             loss.backward()
+            if block_swap:
+                block_swap.park_all()
             logged = per_sample.detach().sum()
             if world > 1:
                 torch.distributed.all_reduce(logged)
@@ -306,7 +329,7 @@ def train(
             save_checkpoint(output, step, write, cfg.checkpoint.keep)
             save_loss_plot([h[0] for h in history], [h[1] for h in history], output / "loss.png")
         if sampler and cfg.sample.every and step % cfg.sample.every == 0 and step != tcfg.steps:
-            sampler.run(output / "samples" / f"step-{step:06d}.png")
+            sampler.run(output / "samples" / f"step-{step:06d}.png", write=is_main)
         if stop_after is not None and step >= stop_after and step < tcfg.steps:
             bar.close()
             if loss_file is not None:
@@ -315,12 +338,12 @@ def train(
     bar.close()
     if loss_file is not None:
         loss_file.close()
+    if sampler:
+        sampler.run(output / "samples" / f"step-{step:06d}.png", write=is_main)
     if not is_main:
         return TrainResult(output, step, last_loss, cached)
 
     # -- 4. outputs -----------------------------------------------------------------------------------
-    if sampler:
-        sampler.run(output / "samples" / f"step-{step:06d}.png")
     save_loss_plot([h[0] for h in history], [h[1] for h in history], output / "loss.png")
     metadata = {
         "base_model": cfg.model.name,
@@ -342,6 +365,37 @@ def train(
     }
     save_lora(output / "lora.safetensors", lora_state_dict(transformer), peft_config, metadata)
     return TrainResult(output, step, last_loss, cached)
+
+
+def _sampling_weights(cfg: TrainRunConfig, samples: list[CachedSample]) -> list[float] | None:
+    scfg = cfg.data.sampling
+    if scfg.by == "uniform":
+        return None
+    root = Path(cfg.data.path)
+    entries = {e.path: e for e in list_images(root, outside_links=True)}
+    ordered = [entries[s.image.relative_to(root).as_posix()] for s in samples]
+    aesthetic = aesthetic_levels(scfg.aesthetic) if scfg.aesthetic else None
+    return sample_weights(ordered, aesthetic, scfg.temperature, scfg.depth)
+
+
+def shard_frozen_base(transformer, lora_params: list[torch.nn.Parameter], device: torch.device, world: int) -> None:
+    """FSDP2 over the frozen base only: each block (then the rest) is a unit whose weights are split over
+    the processes and gathered for its forward and backward. The LoRA is left out of the sharding, so
+    it stays a plain tensor on every process: saving, resuming and the gradient average are unchanged."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world,))
+    ignored = set(lora_params)
+    for block in transformer.layers:
+        fully_shard(block, mesh=mesh, ignored_params=ignored)
+    fully_shard(transformer, mesh=mesh, ignored_params=ignored)
+    for p in lora_params:  # FSDP moved the shards to the mesh's device; the LoRA follows by hand
+        p.data = p.data.to(device)
+    for module in transformer.modules():
+        for key, buf in module._buffers.items():
+            if buf is not None:
+                module._buffers[key] = buf.to(device)
 
 
 def _read_loss_csv(path: Path) -> list[tuple[int, float, float]]:
@@ -378,7 +432,7 @@ class _Sampler:
         self.height = self.cfg.height or cfg.data.resolution
 
     @torch.no_grad()
-    def run(self, path: Path) -> Path:
+    def run(self, path: Path, write: bool = True) -> Path:
         transformer = self.pipe.transformer
         was_training = transformer.training
         transformer.eval()
@@ -393,5 +447,7 @@ class _Sampler:
             images.append(out.images[0])
         # the pipeline decodes with the VAE's dtype; keep the DiT in training mode afterwards
         transformer.train(was_training)
+        if not write:
+            return path
         columns = min(len(images), max(1, math.ceil(math.sqrt(len(images)))))
         return save_image_grid(images, path, labels=self.cfg.prompts, columns=columns)

@@ -66,6 +66,12 @@ def check_resume_config(output: Path, new_config: dict) -> None:
     if not saved.exists():
         return
     old = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+    try:  # keys added to the config since the run began take their defaults on both sides
+        from ..config import TrainRunConfig
+
+        old = TrainRunConfig.model_validate(old).model_dump(mode="json")
+    except ValueError:
+        pass  # a key since removed or renamed: the plain comparison below names it
     diff = first_config_difference(old, new_config)
     if diff:
         raise UserError(f"--resume: config differs from the run in {output} at {diff}; resume with the same config")
