@@ -20,7 +20,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from ernie_lora.config import TrainRunConfig  # noqa: E402
-from ernie_lora.plan import _lora_param_count, build_dit, measure_activations, measure_step  # noqa: E402
+from ernie_lora.plan import (  # noqa: E402
+    Profiles,
+    Settings,
+    _lora_param_count,
+    build_dit,
+    estimate,
+    measure_activations,
+    measure_step,
+)
 
 
 def main() -> None:
@@ -55,6 +63,20 @@ def main() -> None:
                     planned = profile.bytes(side * side + 64, batch, args.layers) + lora_grads
                     name = f"{dtype}/{quantize}/{'ckpt' if checkpointing else 'kept'} ({took:.1f}s)"
                     print(f"{name:<28}{side * side + 64:>7}{batch:>6}{measured / 2**20:>14.1f}"
+                          f"{planned / 2**20:>13.1f}{planned / measured:>7.3f}")
+            if quantize == "none" and dtype == "bf16" and checkpointing:
+                # block swap: the swapped blocks' copies made during the step count on top
+                side = int(args.sides.split(",")[-1])
+                profiles = Profiles(cfg, dit)
+                profiles._cache[True, "none"] = profile  # the one just measured (at --slice-width)
+                for swapped in (1, args.layers):
+                    measured = measure_step(cfg, dit, side, 64, checkpointing=True, block_swap=swapped)
+                    rows = dict(estimate(cfg, Settings("none", True, "adamw", 1, side * 16, block_swap=swapped),
+                                         profiles, dit, 64, 16).rows)
+                    planned = lora_grads + sum(b for k, b in rows.items()
+                                               if k.startswith(("activations", "block swap")))
+                    name = f"bf16/swap {swapped}/ckpt"
+                    print(f"{name:<28}{side * side + 64:>7}{1:>6}{measured / 2**20:>14.1f}"
                           f"{planned / 2**20:>13.1f}{planned / measured:>7.3f}")
 
 

@@ -58,6 +58,47 @@ def train(
 
 
 @app.command()
+def dpo(
+    config: Path = typer.Argument(..., help="DPO YAML (see configs/micro-dpo.yaml)"),
+    output: Path | None = typer.Option(None, "--output", "-o", help="run folder (default: runs/<config name>)"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in --output from its last checkpoint"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace the run already in --output"),
+    set_: list[str] = typer.Option([], "--set", help="override a config key: --set dpo.beta=1000"),
+) -> None:
+    """Align a LoRA with preference pairs (Diffusion-DPO on the flow-matching target)."""
+    from .config import load_dpo_config
+    from .recipes.dpo import run_dpo
+
+    cfg = load_dpo_config(config, set_)
+    _quiet_libraries()
+    result = run_dpo(cfg, output or Path("runs") / config.stem, resume=resume, overwrite=overwrite)
+    last = result.history[-1] if result.history else {}
+    typer.echo(f"done: {result.steps_done} steps, loss {last.get('loss', float('nan')):.4f}, implicit accuracy "
+               f"{last.get('accuracy', float('nan')):.2f}")
+    typer.echo(f"LoRA: {result.output / 'lora.safetensors'}  metrics: {result.output / 'metrics.png'}")
+
+
+@app.command()
+def distill(
+    config: Path = typer.Argument(..., help="distillation YAML (see configs/micro-turbo.yaml)"),
+    output: Path | None = typer.Option(None, "--output", "-o", help="run folder (default: runs/<config name>)"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in --output from its last checkpoint"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace the run already in --output"),
+    set_: list[str] = typer.Option([], "--set", help="override a config key: --set distill.student_steps=4"),
+) -> None:
+    """Distil a few-step Turbo LoRA (DMD2, teachers by timestep range)."""
+    from .config import load_distill_config
+    from .recipes.distill import run_distill
+
+    cfg = load_distill_config(config, set_)
+    _quiet_libraries()
+    result = run_distill(cfg, output or Path("runs") / config.stem, resume=resume, overwrite=overwrite)
+    typer.echo(f"done: {result.steps_done} steps; student LoRA {result.output / 'lora.safetensors'} "
+               f"(sample with --steps {cfg.distill.student_steps} --guidance 1); "
+               f"metrics {result.output / 'metrics.png'}")
+
+
+@app.command()
 def plan(
     config: Path = typer.Argument(..., help="training YAML (see configs/)"),
     vram: float | None = typer.Option(None, "--vram", help="GPU memory budget in GiB: recommend settings that fit"),

@@ -150,6 +150,149 @@ class TrainRunConfig(_Strict):
         return self
 
 
+class PreferenceDataConfig(_Strict):
+    """Preference pairs (see data/preference.py); images of a pair must fall in one bucket."""
+
+    pairs: str | None = None  # JSONL of prompt/chosen/rejected (relative to this file); made by `proof` if None
+    resolution: int = Field(1024, gt=0)
+    max_aspect_ratio: float = Field(2.0, ge=1.0)
+    bucket_multiple: int | None = Field(None, gt=0)
+    crop: Literal["center", "random"] = "center"
+    cache_dir: str | None = None  # default: <pairs folder>/.ernie_lora_cache
+
+
+class DpoConfig(_Strict):
+    # errors are per-element means of the squared velocity error; at that scale error gaps of ~1e-3
+    # times beta/2 = 1000 land in sigmoid's working range. Diffusion-DPO used 2000-5000 on SD latents
+    # with the same normalisation; on micro 2000 beat 100, 500 and 5000 (bench/RESULTS.md)
+    beta: float = Field(2000.0, gt=0)
+    sft_weight: float = Field(0.0, ge=0)  # lambda: + lambda * chosen error, an anchor against reward hacking
+    # sdpo: scale the rejected gradient down so that the chosen error cannot rise (to first order)
+    rejected_scale: Literal["none", "sdpo"] = "none"
+
+
+class ProofConfig(_Strict):
+    """The micro-world proof: pairs made by sampling the model and ranking by layout fidelity; after
+    training, fidelity on fresh prompts for the base, SFT on the chosen images, and DPO."""
+
+    kind: Literal["poster", "infographic", "comic", "ui"] = "comic"
+    pair_prompts: int = Field(48, gt=0)
+    candidates: int = Field(6, ge=2)
+    min_margin: float = Field(0.3, ge=0, le=1)
+    eval_prompts: int = Field(32, gt=0)
+    compare_sft: bool = True
+    steps: int = Field(24, gt=0)
+    guidance: float = Field(3.0, ge=1.0)
+    seed: int = 0
+
+
+class DpoRunConfig(_Strict):
+    model: ModelConfig = ModelConfig()
+    data: PreferenceDataConfig = PreferenceDataConfig()
+    lora: LoraConfig = LoraConfig()
+    train: TrainConfig = TrainConfig(steps=500, lr=1e-5)
+    dpo: DpoConfig = DpoConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    proof: ProofConfig | None = None
+    provenance: ProvenanceConfig = ProvenanceConfig()
+
+    @model_validator(mode="after")
+    def _one_source_of_pairs(self) -> DpoRunConfig:
+        if self.data.pairs is None and self.proof is None:
+            raise ValueError("data.pairs: give a pairs file, or a proof section that makes pairs")
+        if self.model.block_swap or self.train.fsdp:
+            raise ValueError("dpo: model.block_swap and train.fsdp are for the LoRA recipe only")
+        return self
+
+
+def load_dpo_config(path: str | Path, overrides: list[str] | None = None) -> DpoRunConfig:
+    path = Path(path)
+    cfg = load_yaml_model(path, DpoRunConfig, overrides)
+    _resolve_paths(cfg, path.parent, (("data", "pairs"), ("data", "cache_dir"), ("lora", "init_from")))
+    return cfg
+
+
+def _resolve_paths(cfg: BaseModel, base: Path, keys: tuple[tuple[str, str], ...]) -> None:
+    """Relative paths in a config are relative to the config file; so is a local model folder."""
+    for section, attr in keys:
+        value = getattr(getattr(cfg, section), attr)
+        if value and not Path(value).is_absolute():
+            setattr(getattr(cfg, section), attr, str((base / value).resolve()))
+    _resolve_model_name(cfg.model, base)
+
+
+class TeacherConfig(_Strict):
+    lora: str | None = None  # None: the base model; else base + this LoRA file (relative to the config)
+    t_range: tuple[float, float] = (0.0, 1.0)  # the sigmas this teacher owns (1 = pure noise)
+    guidance: float = Field(4.0, ge=1.0)  # the teacher's CFG; the student bakes it in and runs at 1
+
+    @field_validator("t_range")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 <= v[0] < v[1] <= 1.0:
+            raise ValueError(f"t_range {list(v)}: need 0 <= low < high <= 1")
+        return v
+
+
+class DistillConfig(_Strict):
+    student_steps: int = Field(8, gt=0)  # K: the student samples with K Euler steps at guidance 1
+    fake_updates: int = Field(5, gt=0)  # fake-score updates per student update (DMD2: 5)
+    fake_lr: float | None = Field(None, gt=0)  # default: train.lr
+    min_sigma: float = Field(0.02, ge=0.0, lt=1.0)  # where the distribution-matching loss is sampled
+    max_sigma: float = Field(0.98, gt=0.0, le=1.0)
+
+
+class DistillDataConfig(_Strict):
+    prompts_file: str | None = None  # one prompt per line (relative to the config); else synthetic captions
+    synthetic_prompts: int = Field(64, gt=0)
+    seed: int = 0
+    resolution: int = Field(1024, gt=0)  # square samples of this side
+    cache_dir: str | None = None  # the prompts' embeddings; default: beside the run folder
+
+
+class DistillProofConfig(_Strict):
+    eval_prompts: int = Field(96, gt=1)  # fresh synthetic prompts; the Frechet distance wants many
+    teacher_steps: int = Field(24, gt=0)
+    steps: list[int] = [8, 4, 2, 1]  # the student and the base are each sampled at these step counts
+    seed: int = 0
+
+
+class DistillRunConfig(_Strict):
+    model: ModelConfig = ModelConfig()
+    data: DistillDataConfig = DistillDataConfig()
+    lora: LoraConfig = LoraConfig()
+    teachers: list[TeacherConfig] = [TeacherConfig()]
+    distill: DistillConfig = DistillConfig()
+    train: TrainConfig = TrainConfig(steps=1000, lr=1e-5)
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    proof: DistillProofConfig | None = None
+    provenance: ProvenanceConfig = ProvenanceConfig()
+
+    @model_validator(mode="after")
+    def _teachers_cover(self) -> DistillRunConfig:
+        lo, hi = self.distill.min_sigma, self.distill.max_sigma
+        if not self.teachers:
+            raise ValueError("teachers: at least one (an empty list has no teacher)")
+        for k in range(101):
+            sigma = lo + (hi - lo) * k / 100
+            if not any(t.t_range[0] <= sigma <= t.t_range[1] for t in self.teachers):
+                raise ValueError(f"teachers: no t_range holds sigma {sigma:.2f}; together they must cover "
+                                 f"distill.min_sigma..max_sigma ({lo:g}..{hi:g})")
+        if self.model.block_swap or self.train.fsdp or self.model.quantize != "none":
+            raise ValueError("distill: model.block_swap, model.quantize and train.fsdp are for the LoRA recipe")
+        return self
+
+
+def load_distill_config(path: str | Path, overrides: list[str] | None = None) -> DistillRunConfig:
+    path = Path(path)
+    cfg = load_yaml_model(path, DistillRunConfig, overrides)
+    _resolve_paths(cfg, path.parent, (("data", "prompts_file"), ("data", "cache_dir"), ("lora", "init_from")))
+    for teacher in cfg.teachers:
+        if teacher.lora and not Path(teacher.lora).is_absolute():
+            teacher.lora = str((path.parent / teacher.lora).resolve())
+    return cfg
+
+
 def _format_error(source: str, exc: ValidationError) -> str:
     err = exc.errors()[0]
     # a check across sections names its keys in the message itself
@@ -218,10 +361,15 @@ def load_train_config(path: str | Path, overrides: list[str] | None = None) -> T
         cfg.data.sampling.aesthetic = str((base / aesthetic).resolve())
     if cfg.lora.init_from and not Path(cfg.lora.init_from).is_absolute():
         cfg.lora.init_from = str((base / cfg.lora.init_from).resolve())
-    local_model = base / cfg.model.name
-    if cfg.model.name.startswith((".", "/")) or (local_model.exists() and not Path(cfg.model.name).is_absolute()):
-        cfg.model.name = str(local_model.resolve())
+    _resolve_model_name(cfg.model, base)
     return cfg
+
+
+def _resolve_model_name(model: ModelConfig, base: Path) -> None:
+    """A model folder next to the config is named relative to it; hub ids and built-in names stay."""
+    local_model = base / model.name
+    if model.name.startswith((".", "/")) or (local_model.exists() and not Path(model.name).is_absolute()):
+        model.name = str(local_model.resolve())
 
 
 def dump_config(cfg: BaseModel) -> str:

@@ -64,3 +64,28 @@ def save_image_grid(images: list[Image.Image], path: str | Path, labels: list[st
     grid = image_grid(images, labels, columns)
     atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
     return Path(path)
+
+
+def save_metric_plots(steps: list[int], series: dict[str, list[float]], path: str | Path, title: str,
+                      columns: int = 3) -> Path:
+    """One small panel per metric (raw and EMA 0.9), as a PNG: for recipes that log more than a loss."""
+    rows = -(-len(series) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3 * rows), dpi=100, squeeze=False)
+    for ax, (name, values) in zip(axes.flat, series.items(), strict=False):
+        ax.plot(steps, values, color="#9ab", linewidth=0.8)
+        if values:
+            ema, smoothed = values[0], []
+            for value in values:
+                ema = 0.9 * ema + 0.1 * value
+                smoothed.append(ema)
+            ax.plot(steps, smoothed, color="#c33", linewidth=1.4)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(series):]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+    return Path(path)

@@ -3,6 +3,7 @@
 from .adapters import (
     TARGET_PRESETS,
     add_lora,
+    add_lora_from_file,
     check_lora_fits,
     lora_state_dict,
     read_lora,
@@ -15,6 +16,7 @@ from .adapters import (
 __all__ = [
     "TARGET_PRESETS",
     "add_lora",
+    "add_lora_from_file",
     "check_lora_fits",
     "lora_state_dict",
     "read_lora",

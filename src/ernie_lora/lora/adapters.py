@@ -66,13 +66,14 @@ def lora_state_dict(transformer) -> dict[str, torch.Tensor]:
     return {f"transformer.{k}": v.detach().clone().contiguous() for k, v in sd.items()}
 
 
-def set_lora_state(transformer, state_dict: dict[str, torch.Tensor], source: str = "LoRA") -> None:
+def set_lora_state(transformer, state_dict: dict[str, torch.Tensor], source: str = "LoRA",
+                   adapter_name: str = ADAPTER_NAME) -> None:
     """Load diffusers-format LoRA weights into the already-injected adapter (resume, init_from).
 
     The file must have exactly the adapter's modules and shapes (rank and targets as configured).
     """
     stripped = {k.removeprefix("transformer."): v for k, v in state_dict.items()}
-    current = get_peft_model_state_dict(transformer, adapter_name=ADAPTER_NAME)
+    current = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
     problems = [
         f"{k} shape {list(v.shape)} != {list(current[k].shape)}"
         for k, v in stripped.items() if k in current and v.shape != current[k].shape
@@ -83,7 +84,21 @@ def set_lora_state(transformer, state_dict: dict[str, torch.Tensor], source: str
         more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
         raise UserError(f"{source} does not match the configured adapter (lora.rank, lora.targets): "
                         f"{'; '.join(problems[:3])}{more}")
-    set_peft_model_state_dict(transformer, stripped, adapter_name=ADAPTER_NAME)
+    set_peft_model_state_dict(transformer, stripped, adapter_name=adapter_name)
+
+
+def add_lora_from_file(transformer, path: str | Path, adapter_name: str) -> None:
+    """A second (third...) adapter with a LoRA file's own rank, alpha and targets (a frozen teacher)."""
+    state_dict, metadata = read_lora(path)
+    if "lora_adapter_metadata" not in metadata:
+        raise UserError(f"{path}: no lora_adapter_metadata in its header (convert it with `ernie-lora lora convert`)")
+    fields = {k.removeprefix("transformer."): v for k, v in json.loads(metadata["lora_adapter_metadata"]).items()}
+    config = PeftLoraConfig(r=int(fields["r"]), lora_alpha=float(fields["lora_alpha"]),
+                            target_modules=fields["target_modules"], lora_dropout=0.0,
+                            rank_pattern=fields.get("rank_pattern") or {},
+                            alpha_pattern=fields.get("alpha_pattern") or {})
+    transformer.add_adapter(config, adapter_name=adapter_name)
+    set_lora_state(transformer, state_dict, str(path), adapter_name=adapter_name)
 
 
 def _jsonable(value):

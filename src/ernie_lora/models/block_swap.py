@@ -22,6 +22,14 @@ import torch
 from ..errors import UserError
 
 
+def move_buffers(model: torch.nn.Module, device: torch.device) -> None:
+    """Buffers (RoPE tables and the like) to ``device``, parameters left where they are."""
+    for module in model.modules():
+        for key, buf in module._buffers.items():
+            if buf is not None:
+                module._buffers[key] = buf.to(device)
+
+
 def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
@@ -53,10 +61,7 @@ class BlockSwap:
         for p in transformer.parameters():
             if p not in swapped:
                 p.data = p.data.to(self.device)
-        for module in transformer.modules():
-            for key, buf in module._buffers.items():
-                if buf is not None:
-                    module._buffers[key] = buf.to(self.device)
+        move_buffers(transformer, self.device)
         self._loaded = [False] * len(self.blocks)
         self._handles = []
         for i, block in enumerate(self.blocks):

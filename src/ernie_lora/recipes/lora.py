@@ -45,7 +45,7 @@ from ..lora import (
     save_lora,
     set_lora_state,
 )
-from ..models.block_swap import BlockSwap
+from ..models.block_swap import BlockSwap, move_buffers
 from ..models.loading import (
     component_fingerprint,
     load_component_config,
@@ -392,10 +392,7 @@ def shard_frozen_base(transformer, lora_params: list[torch.nn.Parameter], device
     fully_shard(transformer, mesh=mesh, ignored_params=ignored)
     for p in lora_params:  # FSDP moved the shards to the mesh's device; the LoRA follows by hand
         p.data = p.data.to(device)
-    for module in transformer.modules():
-        for key, buf in module._buffers.items():
-            if buf is not None:
-                module._buffers[key] = buf.to(device)
+    move_buffers(transformer, device)
 
 
 def _read_loss_csv(path: Path) -> list[tuple[int, float, float]]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import re
 import shutil
@@ -12,8 +14,9 @@ import yaml
 
 from ..errors import UserError
 
-RUN_FILES = ("config.yaml", "lora.safetensors", "loss.csv", "loss.png")
-RUN_DIRS = ("checkpoints", "samples")
+RUN_FILES = ("config.yaml", "lora.safetensors", "loss.csv", "loss.png", "metrics.csv", "metrics.png", "report.md",
+             "comparison.png")
+RUN_DIRS = ("checkpoints", "samples", "pairs", "sft", "eval")
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
 # Sections that may differ when resuming: where and how often to save and sample, and how long to train.
 RESUMABLE_CHANGES = {"checkpoint", "sample", "provenance", "train.steps", "train.device"}
@@ -61,7 +64,7 @@ def first_config_difference(old: dict, new: dict, prefix: str = "") -> str | Non
     return None
 
 
-def check_resume_config(output: Path, new_config: dict) -> None:
+def check_resume_config(output: Path, new_config: dict, config_model: type | None = None) -> None:
     saved = output / "config.yaml"
     if not saved.exists():
         return
@@ -69,7 +72,7 @@ def check_resume_config(output: Path, new_config: dict) -> None:
     try:  # keys added to the config since the run began take their defaults on both sides
         from ..config import TrainRunConfig
 
-        old = TrainRunConfig.model_validate(old).model_dump(mode="json")
+        old = (config_model or TrainRunConfig).model_validate(old).model_dump(mode="json")
     except ValueError:
         pass  # a key since removed or renamed: the plain comparison below names it
     diff = first_config_difference(old, new_config)
@@ -128,3 +131,26 @@ def restore_rng_state(state: dict, generator: torch.Generator) -> None:
 def load_training_state(folder: Path) -> dict:
     # our own file; weights_only keeps torch.load from unpickling arbitrary objects all the same
     return torch.load(folder / "training_state.pt", map_location="cpu", weights_only=True)
+
+
+def write_metrics(output: Path, history: list[dict], fields: tuple[str, ...], plotted: tuple[str, ...],
+                  title: str) -> None:
+    """``metrics.csv`` (every field per step, atomically) and ``metrics.png`` (one panel per plotted field)."""
+    from ..io import atomic_write_text
+    from ..plots import save_metric_plots
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["step", *fields], lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: (f"{v:.8g}" if isinstance(v, float) else v) for k, v in row.items()})
+    atomic_write_text(output / "metrics.csv", buf.getvalue())
+    save_metric_plots([r["step"] for r in history], {k: [r[k] for r in history] for k in plotted},
+                      output / "metrics.png", title)
+
+
+def read_metrics(path: Path, fields: tuple[str, ...]) -> list[dict]:
+    if not path.exists():
+        return []
+    return [{"step": int(r["step"]), **{k: float(r[k]) for k in fields}}
+            for r in csv.DictReader(io.StringIO(path.read_text(encoding="utf-8")))]

@@ -1,0 +1,96 @@
+"""Few-step distillation: the student's sampler is the pipeline's, teachers by sigma, a tiny run end to end."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+from ernie_lora.config import DistillRunConfig
+from ernie_lora.errors import UserError
+from ernie_lora.lora import read_lora
+from ernie_lora.recipes.distill import Teacher, euler_sigmas, frechet_distance, run_distill, teacher_for
+
+
+def test_the_students_euler_steps_are_the_pipelines():
+    """What the student is trained through equals what `generate --steps K --guidance 1` runs."""
+    from diffusers import ErnieImagePipeline
+
+    from ernie_lora.flow import predict_velocity
+    from ernie_lora.models import build_tiny_pipeline
+
+    pipe: ErnieImagePipeline = build_tiny_pipeline(0)
+    pipe.set_progress_bar_config(disable=True)
+    emb = pipe.encode_prompt("a poster", "cpu")[0]
+    channels = pipe.transformer.config.in_channels
+    noise = torch.randn(1, channels, 2, 2, generator=torch.Generator().manual_seed(0))
+    expected = pipe(prompt_embeds=[emb], height=32, width=32, num_inference_steps=3, guidance_scale=1.0,
+                    latents=noise.clone(), output_type="latent", use_pe=False).images
+    sigmas = euler_sigmas("tiny", 3)
+    assert sigmas[0] == 1.0 and sigmas[-1] == 0.0 and len(sigmas) == 4
+    x = noise.clone()
+    with torch.no_grad():
+        for i in range(3):
+            x = x + (sigmas[i + 1] - sigmas[i]) * predict_velocity(pipe.transformer, x, sigmas[i].expand(1), [emb])
+    torch.testing.assert_close(x, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_teachers_own_their_sigma_ranges():
+    layout, detail = Teacher("layout", 0.5, 1.0, 3.0), Teacher(None, 0.0, 0.5, 4.0)
+    assert teacher_for([layout, detail], 0.9) is layout and teacher_for([layout, detail], 0.1) is detail
+    assert teacher_for([layout, detail], 0.5) is layout  # where ranges touch, the first listed
+    with pytest.raises(UserError, match="no teacher owns sigma"):
+        teacher_for([layout], 0.2)
+    with pytest.raises(ValueError, match="no t_range holds sigma"):
+        DistillRunConfig.model_validate({"teachers": [{"t_range": [0.5, 1.0]}]})
+
+
+def test_frechet_distance():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(400, 3))
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert frechet_distance(a, a + [2.0, 0.0, 0.0]) == pytest.approx(4.0, rel=1e-6)  # |mean shift|^2
+
+
+def _cfg(tmp_path, teachers, **train):
+    return DistillRunConfig.model_validate({
+        "model": {"name": "tiny", "dtype": "fp32"},
+        "data": {"synthetic_prompts": 6, "resolution": 32, "cache_dir": str(tmp_path / "cache")},
+        "lora": {"rank": 4, "alpha": 4},
+        "teachers": teachers,
+        "distill": {"student_steps": 2, "fake_updates": 2},
+        "train": {"steps": 3, "batch_size": 2, "lr": 1e-3, "mixed_precision": "no", "seed": 1, **train},
+        "checkpoint": {"every": 1, "keep": 2},
+    })
+
+
+def test_distill_with_two_teachers_resumes_exactly_and_the_student_generates(tmp_path, capsys):
+    from ernie_lora.generate import LoraSpec, generate
+    from ernie_lora.lora import add_lora, lora_state_dict, resolve_targets, save_lora
+    from ernie_lora.models import load_transformer
+
+    # a "layout" LoRA owns the noisy half of the sigmas, the base the rest
+    torch.manual_seed(5)
+    model = load_transformer("tiny", dtype="fp32")
+    config = add_lora(model, 4, 4.0, resolve_targets(model, "attn"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    save_lora(tmp_path / "layout.safetensors", lora_state_dict(model), config)
+    teachers = [{"lora": str(tmp_path / "layout.safetensors"), "t_range": [0.5, 1.0], "guidance": 2.0},
+                {"t_range": [0.0, 0.5], "guidance": 2.0}]
+    straight = run_distill(_cfg(tmp_path, teachers), tmp_path / "straight", progress=False)
+    assert straight.steps_done == 3 and all(np.isfinite(r["dmd_loss"]) for r in straight.history)
+    run_distill(_cfg(tmp_path, teachers), tmp_path / "resumed", stop_after=1, progress=False)
+    run_distill(_cfg(tmp_path, teachers), tmp_path / "resumed", resume=True, progress=False)
+    a, meta = read_lora(tmp_path / "straight" / "lora.safetensors")
+    b, _ = read_lora(tmp_path / "resumed" / "lora.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert meta["ernie_lora.recipe"] == "distill" and meta["ernie_lora.student_steps"] == "2"
+    assert not any("fake" in k or "teacher" in k for k in a)  # only the student is in the file
+    # the student is a plain LoRA: the pipeline loads it and samples 2 steps at guidance 1
+    paths = generate(["a poster"], model="tiny", loras=[LoraSpec(tmp_path / "straight" / "lora.safetensors", 1.0)],
+                     steps=2, guidance=1.0, width=32, height=32, dtype="fp32", out_dir=tmp_path / "gen")
+    assert len(paths) == 1 and paths[0].exists()
+    code, _, err = run_cli(["distill", str(tmp_path / "missing.yaml")], capsys)
+    assert code == 2 and "no such file" in err
