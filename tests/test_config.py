@@ -15,6 +15,14 @@ def test_every_shipped_config_validates(path):
         from ernie_lora.recipes.pretrain_micro import MicroPretrainConfig
 
         assert isinstance(load_yaml_model(path, MicroPretrainConfig), MicroPretrainConfig)
+    elif path.name == "micro-dpo.yaml":
+        from ernie_lora.config import DpoRunConfig, load_dpo_config
+
+        assert isinstance(load_dpo_config(path), DpoRunConfig)
+    elif path.name == "micro-turbo.yaml":
+        from ernie_lora.config import DistillRunConfig, load_distill_config
+
+        assert isinstance(load_distill_config(path), DistillRunConfig)
     else:
         assert isinstance(load_train_config(path), TrainRunConfig)
 

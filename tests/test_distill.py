@@ -94,3 +94,36 @@ def test_distill_with_two_teachers_resumes_exactly_and_the_student_generates(tmp
     assert len(paths) == 1 and paths[0].exists()
     code, _, err = run_cli(["distill", str(tmp_path / "missing.yaml")], capsys)
     assert code == 2 and "no such file" in err
+
+
+def test_the_shipped_micro_config_runs_its_proof_end_to_end(tmp_path, capsys):
+    """configs/micro-turbo.yaml, shrunk: distil, then teacher / student / base rows and the grid."""
+    from conftest import REPO
+
+    code, out, err = run_cli(["distill", str(REPO / "configs" / "micro-turbo.yaml"), "--output",
+                              str(tmp_path / "run"), "--set", "train.steps=2", "--set", "data.synthetic_prompts=4",
+                              "--set", "proof.eval_prompts=3", "--set", "proof.steps=[2]",
+                              "--set", f"data.cache_dir={tmp_path / 'cache'}"], capsys)
+    assert code == 0, err
+    report = (tmp_path / "run" / "report.md").read_text()
+    for row in ("| teacher | 24 |", "| student 2 steps | 2 | 1 |", "| base 2 steps | 2 | 3 |",
+                "| base 2 steps, CFG 1 | 2 | 1 |"):
+        assert row in report
+    assert (tmp_path / "run" / "comparison.png").exists()
+
+
+def test_regression_warm_start_on_teacher_ode_pairs_then_dmd_resumes_exactly(tmp_path):
+    def cfg():
+        c = _cfg(tmp_path, [{"t_range": [0.0, 1.0], "guidance": 2.0}], steps=4)
+        c.distill.regression_steps, c.distill.regression_pairs, c.distill.teacher_steps = 2, 4, 3
+        return c
+
+    straight = run_distill(cfg(), tmp_path / "straight", progress=False)
+    rows = straight.history
+    assert all(np.isfinite(r["regression_loss"]) and np.isnan(r["dmd_loss"]) for r in rows[:2])
+    assert all(np.isfinite(r["dmd_loss"]) and np.isnan(r["regression_loss"]) for r in rows[2:])
+    run_distill(cfg(), tmp_path / "resumed", stop_after=1, progress=False)  # stopped inside the warm start
+    run_distill(cfg(), tmp_path / "resumed", resume=True, progress=False)
+    a, _ = read_lora(tmp_path / "straight" / "lora.safetensors")
+    b, _ = read_lora(tmp_path / "resumed" / "lora.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -128,3 +128,29 @@ def test_dpo_cli_refuses_a_config_without_pairs(tmp_path, capsys):
     config.write_text("model:\n  name: tiny\n")
     code, _, err = run_cli(["dpo", str(config), "--output", str(tmp_path / "run")], capsys)
     assert code == 2 and "data.pairs" in err
+
+
+def test_starting_from_a_lora_makes_it_the_reference(poster_dataset, tmp_path):
+    """Aligning an existing LoRA: at step one the policy is the reference, so the DPO loss is log 2."""
+    pairs = _pairs_file(poster_dataset, tmp_path)
+    first = run_dpo(_cfg(pairs, tmp_path, steps=2), tmp_path / "first", progress=False)
+    cfg = _cfg(pairs, tmp_path, steps=1)
+    cfg.lora.init_from = str(first.output / "lora.safetensors")
+    second = run_dpo(cfg, tmp_path / "second", progress=False)
+    assert second.history[0]["dpo_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert second.history[0]["chosen_vs_ref"] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_the_shipped_micro_config_runs_its_proof_end_to_end(tmp_path, capsys):
+    """configs/micro-dpo.yaml, shrunk: pairs from micro's samples, SFT baseline, DPO, the report table."""
+    from conftest import REPO
+
+    code, out, err = run_cli(["dpo", str(REPO / "configs" / "micro-dpo.yaml"), "--output", str(tmp_path / "run"),
+                              "--set", "train.steps=2", "--set", "proof.pair_prompts=3", "--set", "proof.candidates=3",
+                              "--set", "proof.min_margin=0", "--set", "proof.eval_prompts=2", "--set", "proof.steps=4",
+                              "--set", f"data.cache_dir={tmp_path / 'cache'}"], capsys)
+    assert code == 0, err
+    report = (tmp_path / "run" / "report.md").read_text()
+    for row in ("| base |", "| SFT on chosen |", "| DPO |"):
+        assert row in report
+    assert (tmp_path / "run" / "comparison.png").exists() and (tmp_path / "run" / "pairs" / "pairs.jsonl").exists()

@@ -240,6 +240,11 @@ class DistillConfig(_Strict):
     fake_lr: float | None = Field(None, gt=0)  # default: train.lr
     min_sigma: float = Field(0.02, ge=0.0, lt=1.0)  # where the distribution-matching loss is sampled
     max_sigma: float = Field(0.98, gt=0.0, le=1.0)
+    # optional warm start: the first regression_steps of train.steps regress the student's K-step
+    # samples onto the teachers' own samples (their ODE, teacher_steps Euler steps) from the same noise
+    regression_steps: int = Field(0, ge=0)
+    regression_pairs: int = Field(64, gt=0)
+    teacher_steps: int = Field(24, gt=0)
 
 
 class DistillDataConfig(_Strict):

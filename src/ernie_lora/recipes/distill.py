@@ -8,8 +8,10 @@
    - ``fake``: the online score of the student's outputs, trained with the flow-matching loss;
    - teachers: the base (adapters off) or base + a LoRA file, each owning a range of sigma, so a
      layout LoRA can own the noisy early steps and another the details;
-3. each step, for ``fake_updates`` rounds: the student generates (no grad), the fake score learns to
-   denoise those samples. Then the student generates once more, running its first k steps without
+3. optionally, a warm start: the first ``regression_steps`` regress the student's K-step samples onto
+   the teachers' own ODE samples from the same noise. Then each step, for ``fake_updates`` rounds: the
+   student generates (no grad), the fake score learns to denoise those samples. Then the student
+   generates once more, running its first k steps without
    grad and step k (drawn at random) with grad (DMD2's backward simulation), giving x0 at every step;
    x0 is noised to a random sigma, and the teacher owning that sigma (with CFG) and the fake score
    predict x0 (x0 = x_t - sigma v). The distribution-matching gradient (fake - real) / mean|x0 - real|
@@ -58,7 +60,7 @@ from .run_dir import (
 )
 
 STUDENT, FAKE = ADAPTER_NAME, "fake"
-METRICS = ("dmd_loss", "fake_loss", "grad_norm", "student_step")
+METRICS = ("dmd_loss", "fake_loss", "grad_norm", "student_step", "regression_loss")
 
 
 def euler_sigmas(model: str, steps: int, revision: str | None = None) -> torch.Tensor:
@@ -229,9 +231,63 @@ def run_distill(cfg: DistillRunConfig, output: str | Path, *, resume: bool = Fal
         sigma = sigma.to(device)
         return (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * eps, sigma, eps
 
+    def teacher_sample(z: torch.Tensor, texts: list[torch.Tensor]) -> torch.Tensor:
+        """The teachers' ODE from noise z: Euler steps, each by the teacher owning its sigma."""
+        steps = euler_sigmas(cfg.model.name, dcfg.teacher_steps, cfg.model.revision).to(device)
+        x = z
+        for i in range(dcfg.teacher_steps):
+            teacher = teacher_for(teachers, float(steps[i]))
+            with adapters.use(teacher.adapter):
+                v = guided(x, steps[i].expand(len(texts)), texts, teacher.guidance)
+            x = x + (steps[i + 1] - steps[i]) * v
+        return x
+
+    def _checkpoint(step: int) -> None:
+        if step % cfg.checkpoint.every and step != tcfg.steps:
+            return
+
+        def write(folder: Path) -> None:
+            save_lora(folder / "lora.safetensors", _adapter_sd(transformer, STUDENT), peft_config)
+            save_lora(folder / "fake.safetensors", _adapter_sd(transformer, FAKE), peft_config)
+            torch.save({"step": step, "opt_student": opt_student.state_dict(), "opt_fake": opt_fake.state_dict(),
+                        "rng": rng_state(generator), "prompt_rng": prompt_rng.getstate()},
+                       folder / "training_state.pt")
+        save_checkpoint(output, step, write, cfg.checkpoint.keep)
+        _write_metrics(output, history)
+
+    ode_pairs = None
+    if dcfg.regression_steps and step < dcfg.regression_steps:
+        pair_gen = torch.Generator().manual_seed(tcfg.seed + 1)  # the same pairs again on resume
+        pair_texts = [embeddings[i % len(embeddings)] for i in range(dcfg.regression_pairs)]
+        z = torch.randn((dcfg.regression_pairs, channels, latent_side, latent_side), generator=pair_gen).to(device)
+        with torch.no_grad():
+            targets = torch.cat([teacher_sample(z[b:b + tcfg.batch_size], pair_texts[b:b + tcfg.batch_size])
+                                 for b in range(0, dcfg.regression_pairs, tcfg.batch_size)])
+        ode_pairs = (z, pair_texts, targets)
+    nan = float("nan")
+
     # -- 3. the loop ----------------------------------------------------------------------------------
     bar = tqdm(total=tcfg.steps, initial=step, desc="distill", unit="step", disable=not progress)
     while step < tcfg.steps:
+        if ode_pairs is not None and step < dcfg.regression_steps:  # warm start: regress onto the teachers' ODE
+            z, pair_texts, targets = ode_pairs
+            idx = [prompt_rng.randrange(len(pair_texts)) for _ in range(tcfg.batch_size)]
+            x, texts = z[idx], [pair_texts[i] for i in idx]
+            with adapters.use(STUDENT):
+                for i in range(dcfg.student_steps):
+                    x = x + (sigmas[i + 1] - sigmas[i]) * velocity(x, sigmas[i].expand(len(idx)), texts)
+            loss = F.mse_loss(x, targets[idx])
+            loss.backward()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(student_params, tcfg.max_grad_norm or 1e9))
+            opt_student.step()
+            opt_student.zero_grad(set_to_none=True)
+            step += 1
+            history.append({"step": step, "dmd_loss": nan, "fake_loss": nan, "grad_norm": grad_norm,
+                            "student_step": nan, "regression_loss": loss.item()})
+            bar.set_postfix(regression=f"{loss.item():.4f}")
+            bar.update()
+            _checkpoint(step)
+            continue
         texts = [embeddings[prompt_rng.randrange(len(embeddings))] for _ in range(tcfg.batch_size)]
         fake_losses = []
         for _ in range(dcfg.fake_updates):  # the fake score follows the student's current outputs
@@ -267,18 +323,10 @@ def run_distill(cfg: DistillRunConfig, output: str | Path, *, resume: bool = Fal
         opt_student.zero_grad(set_to_none=True)
         step += 1
         history.append({"step": step, "dmd_loss": loss.item(), "fake_loss": statistics.mean(fake_losses),
-                        "grad_norm": grad_norm, "student_step": float(k)})
+                        "grad_norm": grad_norm, "student_step": float(k), "regression_loss": nan})
         bar.set_postfix(dmd=f"{loss.item():.4f}", fake=f"{history[-1]['fake_loss']:.4f}")
         bar.update()
-        if step % cfg.checkpoint.every == 0 or step == tcfg.steps:
-            def write(folder: Path, step: int = step) -> None:
-                save_lora(folder / "lora.safetensors", _adapter_sd(transformer, STUDENT), peft_config)
-                save_lora(folder / "fake.safetensors", _adapter_sd(transformer, FAKE), peft_config)
-                torch.save({"step": step, "opt_student": opt_student.state_dict(), "opt_fake": opt_fake.state_dict(),
-                            "rng": rng_state(generator), "prompt_rng": prompt_rng.getstate()},
-                           folder / "training_state.pt")
-            save_checkpoint(output, step, write, cfg.checkpoint.keep)
-            _write_metrics(output, history)
+        _checkpoint(step)
         if stop_after is not None and step >= stop_after and step < tcfg.steps:
             bar.close()
             return DistillResult(output, step, history)
@@ -313,8 +361,10 @@ def _prompts(cfg: DistillRunConfig) -> list[str]:
 
 
 def _write_metrics(output: Path, history: list[dict]) -> None:
-    write_metrics(output, history, METRICS, METRICS[:3],
-                  "distillation: DMD loss, fake-score loss, student gradient norm")
+    plotted = METRICS[:3] + (("regression_loss",) if any(r["regression_loss"] == r["regression_loss"]
+                                                          for r in history) else ())
+    write_metrics(output, history, METRICS, plotted, "distillation: DMD loss, fake-score loss, student gradient norm"
+                  + (", regression warm start" if len(plotted) > 3 else ""))
 
 
 # -- 5. the proof on micro ----------------------------------------------------------------------------
