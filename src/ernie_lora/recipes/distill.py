@@ -49,6 +49,7 @@ from ..lora.adapters import ADAPTER_NAME
 from ..models.loading import load_component_config, load_transformer, parse_dtype, pixel_multiple
 from .lora import pick_device
 from .run_dir import (
+    RunResult,
     latest_checkpoint,
     load_training_state,
     prepare_run_dir,
@@ -116,16 +117,8 @@ def adapter_params(transformer, name: str) -> list[torch.nn.Parameter]:
     return [p for n, p in transformer.named_parameters() if "lora_" in n and f".{name}." in n]
 
 
-@dataclass
-class DistillResult:
-    output: Path
-    steps_done: int
-    history: list[dict]
-    report: dict | None = None
-
-
 def run_distill(cfg: DistillRunConfig, output: str | Path, *, resume: bool = False, overwrite: bool = False,
-                stop_after: int | None = None, progress: bool = True) -> DistillResult:
+                stop_after: int | None = None, progress: bool = True) -> RunResult:
     output = Path(output).expanduser()
     prepare_run_dir(output, resume, overwrite)
     tcfg, dcfg = cfg.train, cfg.distill
@@ -329,7 +322,7 @@ def run_distill(cfg: DistillRunConfig, output: str | Path, *, resume: bool = Fal
         _checkpoint(step)
         if stop_after is not None and step >= stop_after and step < tcfg.steps:
             bar.close()
-            return DistillResult(output, step, history)
+            return RunResult(output, step, history)
     bar.close()
     _write_metrics(output, history)
     metadata = {"base_model": cfg.model.name, "recipe": "distill", "student_steps": dcfg.student_steps,
@@ -337,7 +330,7 @@ def run_distill(cfg: DistillRunConfig, output: str | Path, *, resume: bool = Fal
                 "tool": f"ernie-lora {__version__}", "training_config": cfg.model_dump(mode="json")}
     save_lora(output / "lora.safetensors", _adapter_sd(transformer, STUDENT), peft_config, metadata)
     report = _proof(cfg, output, history) if cfg.proof else None
-    return DistillResult(output, step, history, report)
+    return RunResult(output, step, history, report)
 
 
 def _adapter_sd(transformer, name: str) -> dict[str, torch.Tensor]:

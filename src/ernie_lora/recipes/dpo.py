@@ -43,14 +43,12 @@ from ..lora import add_lora, check_lora_fits, lora_state_dict, read_lora, resolv
 from ..models.loading import load_component_config, load_transformer, parse_dtype, pixel_multiple
 from .lora import BucketBatches, make_optimizer, pick_device
 from .run_dir import (
+    RunResult,
     check_resume_config,
-    latest_checkpoint,
-    load_training_state,
+    load_lora_checkpoint,
     prepare_run_dir,
     read_metrics,
-    restore_rng_state,
-    rng_state,
-    save_checkpoint,
+    save_lora_checkpoint,
     write_metrics,
 )
 
@@ -110,16 +108,8 @@ class ReferenceWeights:
                     p.copy_(trained[n])
 
 
-@dataclass
-class DpoResult:
-    output: Path
-    steps_done: int
-    history: list[dict]
-    report: dict | None = None
-
-
 def run_dpo(cfg: DpoRunConfig, output: str | Path, *, resume: bool = False, overwrite: bool = False,
-            stop_after: int | None = None, progress: bool = True) -> DpoResult:
+            stop_after: int | None = None, progress: bool = True) -> RunResult:
     output = Path(output).expanduser()
     config_dict = cfg.model_dump(mode="json")
     prepare_run_dir(output, resume, overwrite)
@@ -183,15 +173,7 @@ def run_dpo(cfg: DpoRunConfig, output: str | Path, *, resume: bool = False, over
     history: list[dict] = []
     step = 0
     if resume:
-        ckpt = latest_checkpoint(output)
-        lora_sd, _ = read_lora(ckpt / "lora.safetensors")
-        set_lora_state(transformer, lora_sd, str(ckpt / "lora.safetensors"))
-        state = load_training_state(ckpt)
-        optimizer.load_state_dict(state["optimizer"])
-        lr_scheduler.load_state_dict(state["lr_scheduler"])
-        batches.load_state_dict(state["data"])
-        restore_rng_state(state["rng"], generator)
-        step = int(state["step"])
+        step = load_lora_checkpoint(output, transformer, optimizer, lr_scheduler, batches, generator)
         history = [row for row in read_metrics(output / "metrics.csv", METRICS) if row["step"] <= step]
     atomic_write_text(output / "config.yaml", dump_config(cfg))
     num_train_timesteps = int(sched_cfg.get("num_train_timesteps", 1000))
@@ -255,16 +237,12 @@ def run_dpo(cfg: DpoRunConfig, output: str | Path, *, resume: bool = False, over
         bar.set_postfix(loss=f"{sums['loss']:.4f}", acc=f"{sums['accuracy']:.2f}")
         bar.update()
         if step % cfg.checkpoint.every == 0 or step == tcfg.steps:
-            def write(folder: Path, step: int = step) -> None:
-                save_lora(folder / "lora.safetensors", lora_state_dict(transformer), peft_config)
-                torch.save({"step": step, "optimizer": optimizer.state_dict(),
-                            "lr_scheduler": lr_scheduler.state_dict(), "data": batches.state_dict(),
-                            "rng": rng_state(generator)}, folder / "training_state.pt")
-            save_checkpoint(output, step, write, cfg.checkpoint.keep)
+            save_lora_checkpoint(output, step, cfg.checkpoint.keep, transformer, peft_config, optimizer,
+                                 lr_scheduler, batches, generator)
             _write_metrics(output, history)
         if stop_after is not None and step >= stop_after and step < tcfg.steps:
             bar.close()
-            return DpoResult(output, step, history)
+            return RunResult(output, step, history)
     bar.close()
     _write_metrics(output, history)
     metadata = {"base_model": cfg.model.name, "recipe": "dpo", "rank": cfg.lora.rank, "alpha": cfg.lora.alpha,
@@ -273,7 +251,7 @@ def run_dpo(cfg: DpoRunConfig, output: str | Path, *, resume: bool = False, over
                 "consent": cfg.provenance.consent, "training_config": config_dict}
     save_lora(output / "lora.safetensors", lora_state_dict(transformer), peft_config, metadata)
     report = _proof(cfg, output, pairs, pair_report, history) if cfg.proof else None
-    return DpoResult(output, step, history, report)
+    return RunResult(output, step, history, report)
 
 
 # -- 5. the micro-world proof -------------------------------------------------------------------------

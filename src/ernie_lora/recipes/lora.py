@@ -56,15 +56,7 @@ from ..models.loading import (
 )
 from ..models.quantize import quantize_base
 from ..plots import save_image_grid, save_loss_plot
-from .run_dir import (
-    check_resume_config,
-    latest_checkpoint,
-    load_training_state,
-    prepare_run_dir,
-    restore_rng_state,
-    rng_state,
-    save_checkpoint,
-)
+from .run_dir import check_resume_config, load_lora_checkpoint, prepare_run_dir, save_lora_checkpoint
 
 
 class BucketBatches:
@@ -239,15 +231,7 @@ def train(
     step = 0
 
     if resume:
-        ckpt = latest_checkpoint(output)
-        lora_sd, _ = read_lora(ckpt / "lora.safetensors")
-        set_lora_state(transformer, lora_sd, str(ckpt / "lora.safetensors"))
-        state = load_training_state(ckpt)
-        optimizer.load_state_dict(state["optimizer"])
-        lr_scheduler.load_state_dict(state["lr_scheduler"])
-        batches.load_state_dict(state["data"])
-        restore_rng_state(state["rng"], generator)
-        step = int(state["step"])
+        step = load_lora_checkpoint(output, transformer, optimizer, lr_scheduler, batches, generator)
         history = [row for row in _read_loss_csv(output / "loss.csv") if row[0] <= step]
         if step >= tcfg.steps and (output / "lora.safetensors").exists():
             print(f"{output}: already complete at step {step}; nothing to do (raise train.steps to go on)")
@@ -319,14 +303,8 @@ def train(
         bar.update()
 
         if is_main and (step % cfg.checkpoint.every == 0 or step == tcfg.steps):
-            def write(folder: Path, step: int = step) -> None:
-                save_lora(folder / "lora.safetensors", lora_state_dict(transformer), peft_config)
-                torch.save(
-                    {"step": step, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                     "data": batches.state_dict(), "rng": rng_state(generator)},
-                    folder / "training_state.pt",
-                )
-            save_checkpoint(output, step, write, cfg.checkpoint.keep)
+            save_lora_checkpoint(output, step, cfg.checkpoint.keep, transformer, peft_config, optimizer,
+                                 lr_scheduler, batches, generator)
             save_loss_plot([h[0] for h in history], [h[1] for h in history], output / "loss.png")
         if sampler and cfg.sample.every and step % cfg.sample.every == 0 and step != tcfg.steps:
             sampler.run(output / "samples" / f"step-{step:06d}.png", write=is_main)

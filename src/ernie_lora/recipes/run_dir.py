@@ -7,6 +7,7 @@ import io
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -154,3 +155,41 @@ def read_metrics(path: Path, fields: tuple[str, ...]) -> list[dict]:
         return []
     return [{"step": int(r["step"]), **{k: float(r[k]) for k in fields}}
             for r in csv.DictReader(io.StringIO(path.read_text(encoding="utf-8")))]
+
+
+def save_lora_checkpoint(output: Path, step: int, keep: int, transformer, peft_config, optimizer, lr_scheduler,
+                         batches, generator: torch.Generator) -> Path:
+    """A single-LoRA recipe's checkpoint: the LoRA, and everything an exact resume needs."""
+    from ..lora import lora_state_dict, save_lora
+
+    def write(folder: Path) -> None:
+        save_lora(folder / "lora.safetensors", lora_state_dict(transformer), peft_config)
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+                    "data": batches.state_dict(), "rng": rng_state(generator)}, folder / "training_state.pt")
+    return save_checkpoint(output, step, write, keep)
+
+
+def load_lora_checkpoint(output: Path, transformer, optimizer, lr_scheduler, batches,
+                         generator: torch.Generator) -> int:
+    """Restore what ``save_lora_checkpoint`` wrote last into the live objects; returns its step."""
+    from ..lora import read_lora, set_lora_state
+
+    ckpt = latest_checkpoint(output)
+    lora_sd, _ = read_lora(ckpt / "lora.safetensors")
+    set_lora_state(transformer, lora_sd, str(ckpt / "lora.safetensors"))
+    state = load_training_state(ckpt)
+    optimizer.load_state_dict(state["optimizer"])
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    batches.load_state_dict(state["data"])
+    restore_rng_state(state["rng"], generator)
+    return int(state["step"])
+
+
+@dataclass
+class RunResult:
+    """What a DPO or distillation run returns: its folder, steps done, metrics per step, proof table."""
+
+    output: Path
+    steps_done: int
+    history: list[dict]
+    report: dict | None = None
