@@ -36,7 +36,7 @@ def list_images(root: str | Path, outside_links: bool = False) -> list[ImageEntr
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root}: not a folder")
-    meta = _metadata(root)
+    meta = metadata_rows(root)
     entries = []
     for path in sorted(root.rglob("*")):
         if path.suffix.lower() not in IMAGE_EXTS or CACHE_DIR_NAME in path.parts or path.name.startswith("."):
@@ -54,7 +54,8 @@ def list_images(root: str | Path, outside_links: bool = False) -> list[ImageEntr
     return entries
 
 
-def _metadata(root: Path) -> dict[str, dict]:
+def metadata_rows(root: Path) -> dict[str, dict]:
+    """``metadata.jsonl`` as {file_name: row} (empty without the file); a bad line names file:line."""
     path = root / METADATA_FILE
     rows: dict[str, dict] = {}
     if not path.exists():

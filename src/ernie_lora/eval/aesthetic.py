@@ -264,22 +264,14 @@ def save_scatter(predicted: np.ndarray, truth: np.ndarray, result: Agreement, pa
 def _truth(root: Path, labels: str | Path | None, key: str) -> dict[str, float]:
     """Per-image truth: ``key`` of an ``aesthetic.jsonl`` (score, level), else of the dataset's
     ``metadata.jsonl`` (e.g. the hidden ``quality`` of a simulated dataset)."""
+    from ..data.categories import metadata_rows
     from ..data.dataset import METADATA_FILE
     from ..rank.export import read_aesthetic_labels
 
     if labels is not None:
         source, rows = Path(labels), read_aesthetic_labels(labels)
     else:
-        source, rows = root / METADATA_FILE, {}
-        lines = source.read_text(encoding="utf-8").splitlines() if source.exists() else []
-        for lineno, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                rows[str(row["file_name"])] = row
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise UserError(f"{source}:{lineno}: not a metadata row ({exc})") from None
+        source, rows = root / METADATA_FILE, metadata_rows(root)
     truth = {name: float(row[key]) for name, row in rows.items() if key in row}
     if not truth:
         raise UserError(f"{source}: no image has {key!r}")

@@ -18,6 +18,8 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 from tqdm.auto import tqdm
 
+from ..data.categories import metadata_rows
+from ..data.dataset import METADATA_FILE
 from ..data.synthetic import caption, render, sample_layout
 from ..errors import UserError
 from ..io import atomic_write_text
@@ -72,11 +74,11 @@ def write_quality_dataset(folder: str | Path, prompts: int, per_prompt: int = 4,
 
 
 def hidden_quality(folder: str | Path) -> dict[str, float]:
-    path = Path(folder) / "metadata.jsonl"
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    quality = {r["file_name"]: float(r["quality"]) for r in rows if "quality" in r}
+    rows = metadata_rows(Path(folder))
+    quality = {name: float(r["quality"]) for name, r in rows.items() if "quality" in r}
     if not quality:
-        raise UserError(f"{path}: no 'quality' keys (make a simulated dataset with `ernie-lora rank synth`)")
+        raise UserError(f"{Path(folder) / METADATA_FILE}: no 'quality' keys (make a simulated dataset with "
+                        "`ernie-lora rank synth`)")
     return quality
 
 

@@ -44,10 +44,10 @@ from ..data.cache import build_caches, load_embedding
 from ..errors import UserError
 from ..flow import predict_velocity
 from ..io import atomic_write_text
-from ..lora import add_lora, add_lora_from_file, check_lora_fits, read_lora, resolve_targets, save_lora, set_lora_state
+from ..lora import add_lora_from_file, read_lora, save_lora, set_lora_state
 from ..lora.adapters import ADAPTER_NAME
 from ..models.loading import load_component_config, load_transformer, parse_dtype, pixel_multiple
-from .lora import pick_device
+from .lora import add_training_lora, pick_device
 from .run_dir import (
     RunResult,
     latest_checkpoint,
@@ -136,12 +136,7 @@ def run_distill(cfg: DistillRunConfig, output: str | Path, *, resume: bool = Fal
     # -- 2. one DiT, its adapters -------------------------------------------------------------------
     transformer = load_transformer(cfg.model.name, dtype=dtype, device=device, revision=cfg.model.revision)
     torch.manual_seed(tcfg.seed)
-    targets = resolve_targets(transformer, cfg.lora.targets)
-    peft_config = add_lora(transformer, cfg.lora.rank, cfg.lora.alpha, targets)
-    if cfg.lora.init_from:
-        init_sd, _ = read_lora(cfg.lora.init_from)
-        check_lora_fits(cfg.lora.init_from, {k: tuple(v.shape) for k, v in init_sd.items()}, transformer)
-        set_lora_state(transformer, init_sd, f"lora.init_from {cfg.lora.init_from}")
+    peft_config, targets, _ = add_training_lora(transformer, cfg.lora)
     teachers = []
     for i, t in enumerate(cfg.teachers):
         name = None
@@ -224,9 +219,12 @@ def run_distill(cfg: DistillRunConfig, output: str | Path, *, resume: bool = Fal
         sigma = sigma.to(device)
         return (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * eps, sigma, eps
 
+    teacher_sigmas = (euler_sigmas(cfg.model.name, dcfg.teacher_steps, cfg.model.revision).to(device)
+                      if dcfg.regression_steps else None)
+
     def teacher_sample(z: torch.Tensor, texts: list[torch.Tensor]) -> torch.Tensor:
         """The teachers' ODE from noise z: Euler steps, each by the teacher owning its sigma."""
-        steps = euler_sigmas(cfg.model.name, dcfg.teacher_steps, cfg.model.revision).to(device)
+        steps = teacher_sigmas
         x = z
         for i in range(dcfg.teacher_steps):
             teacher = teacher_for(teachers, float(steps[i]))

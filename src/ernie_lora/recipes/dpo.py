@@ -39,9 +39,9 @@ from ..data.preference import pair_items, read_pairs, write_synthetic_pairs
 from ..errors import UserError
 from ..flow import noisy_latents, predict_velocity, sample_sigmas, velocity_target
 from ..io import atomic_write_text
-from ..lora import add_lora, check_lora_fits, lora_state_dict, read_lora, resolve_targets, save_lora, set_lora_state
+from ..lora import lora_state_dict, save_lora
 from ..models.loading import load_component_config, load_transformer, parse_dtype, pixel_multiple
-from .lora import BucketBatches, make_optimizer, pick_device
+from .lora import BucketBatches, add_training_lora, make_optimizer, pick_device, timestep_shift
 from .run_dir import (
     RunResult,
     check_resume_config,
@@ -149,18 +149,9 @@ def run_dpo(cfg: DpoRunConfig, output: str | Path, *, resume: bool = False, over
     transformer = load_transformer(cfg.model.name, dtype=parse_dtype(cfg.model.dtype), device=device,
                                    revision=cfg.model.revision)
     sched_cfg = load_component_config(cfg.model.name, "scheduler", cfg.model.revision)
-    shift = tcfg.timesteps.shift
-    shift = float(sched_cfg.get("shift", 1.0)) if shift == "official" else (1.0 if shift == "none" else float(shift))
+    shift = timestep_shift(tcfg.timesteps.shift, sched_cfg)
     torch.manual_seed(tcfg.seed)
-    peft_config = add_lora(transformer, cfg.lora.rank, cfg.lora.alpha, resolve_targets(transformer, cfg.lora.targets),
-                           cfg.lora.dropout)
-    if cfg.lora.init_from:
-        init_sd, _ = read_lora(cfg.lora.init_from)
-        check_lora_fits(cfg.lora.init_from, {k: tuple(v.shape) for k, v in init_sd.items()}, transformer)
-        set_lora_state(transformer, init_sd, f"lora.init_from {cfg.lora.init_from}")
-    params = [p for p in transformer.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()
+    peft_config, _, params = add_training_lora(transformer, cfg.lora)
     reference = ReferenceWeights(transformer)  # the starting weights: the base when B = 0
     if tcfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from accelerate import PartialState
 from diffusers import ErnieImagePipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.optimization import get_scheduler
+from peft import LoraConfig as PeftLoraConfig
 from tqdm.auto import tqdm
 
 from .. import __version__
@@ -136,6 +137,28 @@ def make_optimizer(params, cfg) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
+def timestep_shift(shift: str | float, sched_cfg: dict) -> float:
+    """``timesteps.shift`` as a number: "official" is the model scheduler's own shift, "none" is 1."""
+    if shift == "official":
+        return float(sched_cfg.get("shift", 1.0))
+    return 1.0 if shift == "none" else float(shift)
+
+
+def add_training_lora(transformer, lora_cfg) -> tuple[PeftLoraConfig, list[str], list[torch.nn.Parameter]]:
+    """The configured LoRA on the DiT (fresh, or loaded from ``lora.init_from``), its weights in fp32
+    over the bf16 base; returns the peft config, the target modules and the trainable parameters."""
+    targets = resolve_targets(transformer, lora_cfg.targets)
+    peft_config = add_lora(transformer, lora_cfg.rank, lora_cfg.alpha, targets, lora_cfg.dropout)
+    if lora_cfg.init_from:
+        init_sd, _ = read_lora(lora_cfg.init_from)
+        check_lora_fits(lora_cfg.init_from, {k: tuple(v.shape) for k, v in init_sd.items()}, transformer)
+        set_lora_state(transformer, init_sd, f"lora.init_from {lora_cfg.init_from}")
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    return peft_config, targets, params
+
+
 def dataset_hash(items: list[Item]) -> str:
     """The dataset's content: image bytes and captions, independent of model, bucket and cache."""
     return sha256_text("|".join(sorted(f"{item.sha256}:{sha256_text(item.caption)}" for item in items)))
@@ -194,20 +217,11 @@ def train(
                                    device="cpu" if swap_count or fsdp else device, revision=cfg.model.revision)
     quantize_base(transformer, cfg.model.quantize)
     sched_cfg = load_component_config(cfg.model.name, "scheduler", cfg.model.revision)
-    shift = tcfg.timesteps.shift
-    shift = float(sched_cfg.get("shift", 1.0)) if shift == "official" else (1.0 if shift == "none" else float(shift))
+    shift = timestep_shift(tcfg.timesteps.shift, sched_cfg)
     num_train_timesteps = int(sched_cfg.get("num_train_timesteps", 1000))
 
     torch.manual_seed(tcfg.seed)  # LoRA A init
-    targets = resolve_targets(transformer, cfg.lora.targets)
-    peft_config = add_lora(transformer, cfg.lora.rank, cfg.lora.alpha, targets, cfg.lora.dropout)
-    if cfg.lora.init_from:
-        init_sd, _ = read_lora(cfg.lora.init_from)
-        check_lora_fits(cfg.lora.init_from, {k: tuple(v.shape) for k, v in init_sd.items()}, transformer)
-        set_lora_state(transformer, init_sd, f"lora.init_from {cfg.lora.init_from}")
-    params = [p for p in transformer.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()  # LoRA weights train in fp32 over a bf16 base
+    peft_config, targets, params = add_training_lora(transformer, cfg.lora)
     if tcfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     block_swap = BlockSwap(transformer, swap_count, device) if swap_count else None
