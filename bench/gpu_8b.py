@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from ernie_lora.config import TrainRunConfig  # noqa: E402
-from ernie_lora.lora import add_lora, resolve_targets  # noqa: E402
+from ernie_lora.lora.adapters import add_lora, resolve_targets  # noqa: E402
 from ernie_lora.models.block_swap import BlockSwap  # noqa: E402
 from ernie_lora.models.loading import ERNIE_IMAGE_TRANSFORMER_CONFIG  # noqa: E402
 from ernie_lora.models.quantize import quantize_base  # noqa: E402

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from ernie_lora.generate import LoraSpec, load_loras
-from ernie_lora.lora import add_lora, lora_state_dict, resolve_targets, save_lora
+from ernie_lora.lora.adapters import add_lora, lora_state_dict, peft_config_metadata, resolve_targets
+from ernie_lora.lora.files import save_lora
 from ernie_lora.models import load_pipeline
 
 
@@ -28,7 +29,7 @@ def random_lora(path: Path, seed: int) -> Path:
     for name, param in transformer.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.01)
-    return save_lora(path, lora_state_dict(transformer), config)
+    return save_lora(path, lora_state_dict(transformer), peft_config_metadata(config))
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ from ernie_lora.data.cache import build_caches, image_to_tensor, load_embedding,
 from ernie_lora.data.dataset import load_rgb
 from ernie_lora.data.synthetic import write_synthetic_dataset
 from ernie_lora.flow import noisy_latents, predict_velocity, sample_sigmas, velocity_target
-from ernie_lora.lora import add_lora, resolve_targets
+from ernie_lora.lora.adapters import add_lora, resolve_targets
 from ernie_lora.models import encode_images, load_pipeline
 from ernie_lora.models import tiny as tiny_module
 

@@ -101,17 +101,18 @@ def test_resume_needs_a_checkpoint_and_the_same_config(poster_dataset, tmp_path,
 
 def test_lora_that_does_not_match_the_model(tmp_path, capsys):
     good = make_lora(tmp_path / "good.safetensors")
-    from ernie_lora.lora import read_lora, save_lora
+    from ernie_lora.lora.files import read_lora, save_lora
 
     tensors, _ = read_lora(good)
     tensors["transformer.layers.0.self_attention.to_q.lora_A.weight"] = torch.zeros(4, 99)
     tensors["transformer.layers.7.self_attention.to_q.lora_A.weight"] = torch.zeros(4, 64)
+    tensors["transformer.layers.7.self_attention.to_q.lora_B.weight"] = torch.zeros(64, 4)
     bad = save_lora(tmp_path / "bad.safetensors", tensors)
     line = _one_line_error(*run_cli(["generate", "x", "-m", "tiny", "--width", "32", "--height", "32",
                                      "--lora", str(bad), "-o", str(tmp_path / "o")], capsys)[::2])
     assert "bad.safetensors does not match the model" in line
-    assert "layers.0.self_attention.to_q.lora_A.weight shape [4, 99] != [r, 64]" in line
-    assert "no linear layer 'layers.7.self_attention.to_q'" in line
+    assert "layers.0.self_attention.to_q shape [64, 99] != the model's [64, 64]" in line
+    assert "layers.7.self_attention.to_q (no such layer in the model)" in line
     assert not (tmp_path / "o").exists()
 
 
@@ -140,16 +141,16 @@ def test_missing_lora_file_and_init_from_mismatch(poster_dataset, tmp_path, caps
                                     capsys)[::2])
     assert "nope.safetensors: no such file" in line
     other = make_lora(tmp_path / "r8.safetensors", rank=8)
-    tensors = {k: torch.zeros(3, v.shape[1]) if ".lora_A." in k else v for k, v in
-               __import__("ernie_lora.lora", fromlist=["read_lora"]).read_lora(other)[0].items()}
-    from ernie_lora.lora import save_lora
+    from ernie_lora.lora.files import read_lora, save_lora
+
+    tensors = {k: v[:, :3] if ".lora_B." in k else v[:3] for k, v in read_lora(other)[0].items()}
 
     mism = save_lora(tmp_path / "mism.safetensors", tensors)
     cfg = _config_file(tmp_path, poster_dataset, lora={"init_from": str(mism)})
     code, _, err = run_cli(["train", str(cfg), "-o", str(tmp_path / "run")], capsys)
     line = _one_line_error(code, err)
     assert "lora.init_from" in line and "mism.safetensors does not match the configured adapter" in line
-    assert "shape [3, 64] != [4, 64]" in line
+    assert "has rank 3 (rank 4)" in line
 
 
 def test_bad_image_size_for_dataset_check_is_only_a_warning(tmp_path, capsys):

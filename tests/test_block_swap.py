@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from ernie_lora.lora import add_lora, read_lora, resolve_targets
+from ernie_lora.lora.adapters import add_lora, resolve_targets
+from ernie_lora.lora.files import read_lora
 from ernie_lora.models import load_transformer
 from ernie_lora.models.block_swap import BlockSwap
 from ernie_lora.plan import Profiles, Settings, estimate, measure_step, training_step

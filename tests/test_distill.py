@@ -7,7 +7,7 @@ import torch
 from conftest import run_cli
 from ernie_lora.config import DistillRunConfig
 from ernie_lora.errors import UserError
-from ernie_lora.lora import read_lora
+from ernie_lora.lora.files import read_lora
 from ernie_lora.recipes.distill import Teacher, euler_sigmas, frechet_distance, run_distill, teacher_for
 
 
@@ -65,7 +65,8 @@ def _cfg(tmp_path, teachers, **train):
 
 def test_distill_with_two_teachers_resumes_exactly_and_the_student_generates(tmp_path, capsys):
     from ernie_lora.generate import LoraSpec, generate
-    from ernie_lora.lora import add_lora, lora_state_dict, resolve_targets, save_lora
+    from ernie_lora.lora.adapters import add_lora, lora_state_dict, peft_config_metadata, resolve_targets
+    from ernie_lora.lora.files import save_lora
     from ernie_lora.models import load_transformer
 
     # a "layout" LoRA owns the noisy half of the sigmas, the base the rest
@@ -76,7 +77,7 @@ def test_distill_with_two_teachers_resumes_exactly_and_the_student_generates(tmp
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
-    save_lora(tmp_path / "layout.safetensors", lora_state_dict(model), config)
+    save_lora(tmp_path / "layout.safetensors", lora_state_dict(model), peft_config_metadata(config))
     teachers = [{"lora": str(tmp_path / "layout.safetensors"), "t_range": [0.5, 1.0], "guidance": 2.0},
                 {"t_range": [0.0, 0.5], "guidance": 2.0}]
     straight = run_distill(_cfg(tmp_path, teachers), tmp_path / "straight", progress=False)

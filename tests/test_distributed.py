@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from conftest import tiny_config
-from ernie_lora.lora import read_lora
+from ernie_lora.lora.files import read_lora
 from ernie_lora.recipes.lora import train
 
 
@@ -86,7 +86,7 @@ def test_fsdp_holds_half_the_frozen_weights_per_process(tmp_path):
     script = tmp_path / "shard.py"
     script.write_text(
         "import torch, torch.distributed as dist\n"
-        "from ernie_lora.lora import add_lora, resolve_targets\n"
+        "from ernie_lora.lora.adapters import add_lora, resolve_targets\n"
         "from ernie_lora.models import load_transformer\n"
         "from ernie_lora.recipes.lora import shard_frozen_base\n"
         "dist.init_process_group('gloo')\n"

@@ -10,7 +10,7 @@ from conftest import run_cli
 from ernie_lora.config import DpoRunConfig
 from ernie_lora.data.preference import read_pairs
 from ernie_lora.errors import UserError
-from ernie_lora.lora import read_lora
+from ernie_lora.lora.files import read_lora
 from ernie_lora.recipes.dpo import ReferenceWeights, dpo_loss, run_dpo, sdpo_scale
 
 
@@ -34,7 +34,7 @@ def test_sdpo_scale_keeps_the_chosen_error_from_rising():
 
 
 def test_the_reference_of_a_fresh_lora_is_the_base():
-    from ernie_lora.lora import add_lora, resolve_targets
+    from ernie_lora.lora.adapters import add_lora, resolve_targets
     from ernie_lora.models import load_transformer
 
     torch.manual_seed(0)

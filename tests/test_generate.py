@@ -7,7 +7,8 @@ from PIL import Image
 
 from conftest import run_cli
 from ernie_lora.generate import LoraSpec, generate, interference_warnings, parse_lora_spec
-from ernie_lora.lora import add_lora, lora_state_dict, save_lora
+from ernie_lora.lora.adapters import add_lora, lora_state_dict, peft_config_metadata
+from ernie_lora.lora.files import save_lora
 from ernie_lora.models import build_tiny_pipeline, load_pipeline
 
 SMALL = dict(width=32, height=32, steps=3, guidance=2.0, dtype="fp32")
@@ -20,7 +21,7 @@ def make_lora(path, seed=0, rank=4, alpha=8.0, targets=("to_q", "to_k", "to_v", 
     for name, param in transformer.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=std)
-    return save_lora(path, lora_state_dict(transformer), config, {"base_model": "tiny"})
+    return save_lora(path, lora_state_dict(transformer), peft_config_metadata(config), {"base_model": "tiny"})
 
 
 def test_pixels_equal_diffusers_own_pipeline_call(tiny_folder, tmp_path):

@@ -65,7 +65,7 @@ def _check_against_measured(cfg, profile, checkpointing):
 
 
 def _lora_model(cfg):
-    from ernie_lora.lora import add_lora, resolve_targets
+    from ernie_lora.lora.adapters import add_lora, resolve_targets
 
     model = build_dit(SMALL_DIT, torch.float32, device="meta")
     add_lora(model, cfg.lora.rank, cfg.lora.alpha, resolve_targets(model, cfg.lora.targets))
@@ -131,7 +131,7 @@ def test_24gb_preset_is_the_8b_config_with_what_the_planner_recommends():
 
 @pytest.mark.parametrize("quantize", ["int8", "float8"])
 def test_lora_trains_over_a_quantized_base(poster_dataset, tmp_path, quantize):
-    from ernie_lora.lora import read_lora
+    from ernie_lora.lora.files import read_lora
     from ernie_lora.recipes.lora import train
 
     cfg = tiny_config(poster_dataset, tmp_path / "cache", model={"dtype": "bf16", "quantize": quantize},

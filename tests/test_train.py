@@ -14,7 +14,8 @@ from conftest import REPO, tiny_config
 from ernie_lora.config import load_train_config
 from ernie_lora.data.cache import load_embedding, load_latent
 from ernie_lora.flow import noisy_latents, predict_velocity, velocity_target
-from ernie_lora.lora import read_lora, set_lora_state
+from ernie_lora.lora.adapters import set_lora_state
+from ernie_lora.lora.files import read_lora
 from ernie_lora.models import build_tiny_pipeline
 from ernie_lora.recipes.lora import train
 
@@ -40,7 +41,9 @@ def test_run_writes_lora_plots_samples_and_keeps_last_checkpoints(poster_dataset
     assert all(k.startswith("transformer.") and (".lora_A." in k or ".lora_B." in k) for k in tensors)
     assert any("mlp.gate_proj" in k for k in tensors) and any("to_out.0" in k for k in tensors)
     peft = json.loads(meta["lora_adapter_metadata"])
-    assert peft["transformer.r"] == 4 and peft["transformer.lora_alpha"] == 8
+    # the scale alpha / rank = 2 is folded into lora_B: the file says alpha = rank; the trained settings stay
+    assert peft["transformer.r"] == 4 and peft["transformer.lora_alpha"] == 4
+    assert (meta["ernie_lora.rank"], meta["ernie_lora.alpha"], meta["ernie_lora.scale_folded"]) == ("4", "8.0", "2.0")
     assert json.loads(meta["ernie_lora.steps"]) == 6 and json.loads(meta["ernie_lora.image_count"]) == 6
     assert meta["ernie_lora.base_model"] == "tiny" and len(meta["ernie_lora.dataset_hash"]) == 64
     assert yaml.safe_load((run / "config.yaml").read_text())["lora"]["rank"] == 4
@@ -124,21 +127,21 @@ def test_lora_loads_unchanged_in_diffusers_and_alpha_is_honoured(poster_dataset,
     pipe = build_tiny_pipeline(0)
     pipe.load_lora_weights(str(path), adapter_name="mine")
     config = pipe.transformer.peft_config["mine"]
-    assert (config.r, config.lora_alpha) == (4, 2)
+    assert (config.r, config.lora_alpha) == (4, 4)  # the file folds alpha / rank = 0.5 into lora_B
     layer = pipe.transformer.layers[0].self_attention.to_q
-    assert layer.scaling["mine"] == pytest.approx(0.5)
-    # the adapter diffusers built computes the same update as our weights: scale * B @ A
-    tensors, _ = read_lora(path)
-    a = tensors["transformer.layers.0.self_attention.to_q.lora_A.weight"]
-    b = tensors["transformer.layers.0.self_attention.to_q.lora_B.weight"]
+    assert layer.scaling["mine"] == pytest.approx(1.0)
+    # the adapter diffusers built computes the trained update: 0.5 * B @ A of the raw (checkpointed) weights
+    raw, _ = read_lora(tmp_path / "run" / "checkpoints" / "step-000006" / "lora.safetensors")
+    a = raw["transformer.layers.0.self_attention.to_q.lora_A.weight"]
+    b = raw["transformer.layers.0.self_attention.to_q.lora_B.weight"]
     x = torch.randn(3, layer.in_features)
     torch.testing.assert_close(layer(x) - layer.base_layer(x), x @ (0.5 * b @ a).T, rtol=1e-5, atol=1e-6)
-    # and set_lora_state round-trips it
+    # and set_lora_state round-trips the checkpoint's raw weights
     other = build_tiny_pipeline(0).transformer
-    from ernie_lora.lora import add_lora
+    from ernie_lora.lora.adapters import add_lora
 
     add_lora(other, 4, 2, ["to_q", "to_k", "to_v", "to_out.0", "gate_proj", "up_proj", "linear_fc2"])
-    set_lora_state(other, tensors)
+    set_lora_state(other, raw)
     torch.testing.assert_close(other.layers[0].self_attention.to_q(x), layer(x))
 
 

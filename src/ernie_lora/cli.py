@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -273,40 +272,65 @@ def caption_auto(
 
 @lora_app.command("info")
 def lora_info_cmd(
-    file: Path = typer.Argument(..., help="a LoRA .safetensors in any supported format"),
+    file: Path = typer.Argument(..., help="a LoRA .safetensors in any supported layout"),
     model: str | None = typer.Option(None, "--model", "-m", help="also check that it fits this model"),
-    modules: bool = typer.Option(False, "--modules", help="list every module with its rank and alpha"),
+    modules: bool = typer.Option(False, "--modules", help="list every module with its kind, rank and alpha"),
 ) -> None:
-    """Format, modules, ranks, alpha, size, provenance, and whether it fits a model."""
-    from .lora.formats import read_modules
+    """Layout, modules, ranks, alpha, what each loader applies, provenance, and whether it fits a model.
+
+    Layouts read: diffusers (transformer.), ai-toolkit/ComfyUI (diffusion_model., lora_A/B or
+    lora_up/down, .alpha, .dora_scale, .diff, .diff_b), peft (base_model.model., adapter_config.json),
+    kohya/musubi (lora_unet_), OneTrainer legacy (lora_transformer_), SimpleTuner LyCORIS (lycoris_),
+    DiffSynth/OneTrainer bare keys (.lora_A.default.weight); LoRA, DoRA, LoHa, LoKr and full deltas.
+    """
+    from .lora.layouts import LAYOUTS
+    from .lora.modules import LoraModule, kind
     from .lora.tools import lora_info
 
     info = lora_info(file, model)
+    layout = next(row for row in LAYOUTS if row.name == info.format)
     typer.echo(f"file:      {info.path} ({info.size_bytes / 2**20:.2f} MiB)")
-    typer.echo(f"format:    {info.format}")
-    typer.echo(f"modules:   {info.modules}")
-    typer.echo("rank:      " + ", ".join(f"{r} ({n} modules)" for r, n in sorted(info.ranks.items())))
-    typer.echo("alpha:     " + ", ".join(f"{a:g} ({n} modules)" for a, n in sorted(info.alphas.items())))
-    typer.echo(f"base:      {info.provenance.get('base_model', 'unknown')}")
-    for key, value in sorted(info.provenance.items()):
-        if key not in ("base_model", "training_config"):
+    module = "<module_with_underscores>" if layout.flat else "<module>"
+    typer.echo(f"layout:    {info.format}: {layout.prefix}{module}{layout.down} / {layout.up} (written by "
+               f"{layout.writers})")
+    typer.echo(f"modules:   {info.modules} (" + ", ".join(f"{k}: {n}" for k, n in sorted(info.kinds.items())) + ")")
+    if info.ranks:
+        typer.echo("rank:      " + ", ".join(f"{r} ({n} modules)" for r, n in sorted(info.ranks.items())))
+        typer.echo("alpha:     " + ", ".join(f"{a:g} ({n} modules)" for a, n in sorted(info.alphas.items()))
+                   + f"  [from {info.alpha_source}]")
+    p = info.provenance
+    if "rank" in p and "alpha" in p:
+        folded = f", scale {p['scale_folded']} folded into lora_B" if "scale_folded" in p else ""
+        typer.echo(f"trained:   rank {p['rank']}, alpha {p['alpha']}{folded}")
+    typer.echo(f"loaders:   {'':10s} {'loads':6s} {'as meant':9s}")
+    for view, same, detail in info.loaders:
+        meant = "-" if same is None else ("yes" if same else "NO")
+        typer.echo(f"  {view.loader:10s} {'yes' if view.loads else 'no':6s} {meant:9s} {detail}")
+    typer.echo(f"base:      {p.get('base_model', 'unknown')}")
+    for key, value in sorted(p.items()):
+        if key not in ("base_model", "training_config", "rank", "alpha", "scale_folded"):
             typer.echo(f"  {key}: {value[:100]}")
     if info.fits is not None:
         typer.echo(f"fits {model}: {info.fits}")
     if modules:
+        from .lora.formats import read_modules
+
         for name, module in read_modules(file)[0].items():
-            typer.echo(f"  {name}: rank {module.rank}, alpha {module.alpha:g}")
+            extra = f", rank {module.rank}, alpha {module.alpha:g}" if isinstance(module, LoraModule) else ""
+            typer.echo(f"  {name}: {kind(module)}{extra}")
 
 
 @lora_app.command("verify")
 def lora_verify(file: Path = typer.Argument(...)) -> None:
-    """Check the header and the stored tensor hash; exit 1 when they do not hold."""
+    """Check the header, the keys and the stored tensor hash; exit 1 only on a hash mismatch.
+
+    A file from another tool has no hash: it is checked for readability and layout and passes."""
     from .lora.tools import verify_lora
 
-    ok, message = verify_lora(file)
-    typer.echo(f"{file}: {'OK' if ok else 'FAILED'}: {message}")
-    if not ok:
-        raise typer.Exit(1)
+    code, message = verify_lora(file)
+    typer.echo(f"{file}: {'OK' if code == 0 else 'FAILED'}: {message}")
+    if code:
+        raise typer.Exit(code)
 
 
 def _refuse_existing(path: Path, overwrite: bool) -> None:
@@ -314,20 +338,46 @@ def _refuse_existing(path: Path, overwrite: bool) -> None:
         raise UserError(f"{path}: exists; pass --overwrite to replace it")
 
 
+def _lora_target(target: Path, format: str, overwrite: bool) -> None:
+    """Refuse to replace an existing file (or a peft folder's files) unless --overwrite."""
+    if format == "peft" and target.suffix != ".safetensors":
+        if target.exists() and not target.is_dir():
+            raise UserError(f"{target}: exists and is not a folder (a peft adapter is a folder)")
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            _refuse_existing(target / name, overwrite)
+    else:
+        _refuse_existing(target, overwrite)
+
+
 @lora_app.command("convert")
 def lora_convert(
     source: Path = typer.Argument(...),
-    target: Path = typer.Argument(...),
+    target: Path = typer.Argument(..., help="the file to write (peft: a folder for adapter_model.safetensors "
+                                            "and adapter_config.json)"),
     format: str = typer.Option("diffusers", "--format", "-f", help="diffusers, comfy, peft or kohya"),
+    rank: int | None = typer.Option(None, "--rank", min=1,
+                                    help="rank for modules that are not plain LoRAs (DoRA, LoHa, LoKr, full "
+                                         "deltas): a truncated SVD, its error printed per module"),
+    model: str | None = typer.Option(None, "--model", "-m", help="the base model (DoRA's change depends on it)"),
+    drop_bias: bool = typer.Option(False, "--drop-bias", help="leave out bias and norm changes (not LoRA-able)"),
     overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
-    """Rewrite a LoRA in another format; every module's delta W stays the same."""
-    from .lora.formats import read_modules, write_modules
+    """Rewrite a LoRA in one of our formats; every module's delta W stays the same (alpha / rank folded in)."""
+    from .lora.files import provenance
+    from .lora.formats import FORMATS, read_lora_file, write_modules
+    from .lora.tools import convert_modules
 
-    _refuse_existing(target, overwrite)
-    modules, fmt, metadata = read_modules(source)
-    write_modules(target, modules, format, metadata)
-    typer.echo(f"{source} ({fmt}) -> {target} ({format}), {len(modules)} modules")
+    if format not in FORMATS:
+        raise UserError(f"--format {format!r}: choose from {', '.join(FORMATS)}")
+    _lora_target(target, format, overwrite)
+    lora = read_lora_file(source)
+    plain, errors = convert_modules(lora.modules, rank, model, drop_bias)
+    for name, error in errors.items():
+        typer.echo(f"  {name}: {lora.modules[name].__class__.__name__} -> rank {plain[name].rank} LoRA, "
+                   f"relative error {error:.2e}")
+    written = write_modules(target, plain, format, provenance(lora.header))
+    worst = f"; worst relative error {max(errors.values()):.2e}" if errors else ""
+    typer.echo(f"{source} ({lora.layout}) -> {written} ({format}), {len(plain)} modules{worst}")
 
 
 @lora_app.command("merge")
@@ -336,25 +386,27 @@ def lora_merge(
     weights: str | None = typer.Option(None, help="comma-separated weights (default: equal, summing to 1)"),
     rank: int = typer.Option(16, help="rank of the merged LoRA"),
     format: str = typer.Option("diffusers", "--format", "-f"),
+    model: str | None = typer.Option(None, "--model", "-m", help="the base model (needed for DoRA inputs)"),
     overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
     """One LoRA from several: truncated SVD of the weighted sum of their delta W, per module."""
     from .lora.formats import read_modules, write_modules
-    from .lora.tools import merge_modules
+    from .lora.tools import base_weights, merge_modules
 
     if len(files) < 3:
         raise UserError("lora merge: give at least two LoRAs and the output file")
     *inputs, target = files
-    _refuse_existing(target, overwrite)
+    _lora_target(target, format, overwrite)
     try:
         w = [float(x) for x in weights.split(",")] if weights else [1.0 / len(inputs)] * len(inputs)
     except ValueError:
         raise UserError(f"--weights {weights!r}: expected numbers separated by commas") from None
-    merged, energy = merge_modules([read_modules(f)[0] for f in inputs], w, rank)
-    metadata = {"ernie_lora.merged_from": json.dumps([str(f) for f in inputs]),
-                "ernie_lora.merge_weights": json.dumps(w), "ernie_lora.energy_kept": f"{energy:.6f}"}
-    write_modules(target, merged, format, metadata)
-    typer.echo(f"merged {len(inputs)} LoRAs into {target}: {len(merged)} modules, rank {rank}, "
+    loras = [read_modules(f)[0] for f in inputs]
+    bases = base_weights(model, sorted({n for lora in loras for n, m in lora.items() if m.dora is not None}))
+    merged, energy = merge_modules(loras, w, rank, bases)
+    metadata = {"merged_from": [str(f) for f in inputs], "merge_weights": w, "energy_kept": f"{energy:.6f}"}
+    written = write_modules(target, merged, format, metadata)
+    typer.echo(f"merged {len(inputs)} LoRAs into {written}: {len(merged)} modules, rank {rank}, "
                f"energy kept {energy:.2%}")
 
 
@@ -368,7 +420,7 @@ def lora_fuse(
     dtype: str = typer.Option("bf16"),
     overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
-    """Save the base transformer with the LoRA merged into its weights."""
+    """Save the base transformer with the LoRA (any layout and kind) merged into its weights."""
     from .lora.formats import read_modules
     from .lora.tools import fuse_into
     from .models import load_transformer

@@ -20,8 +20,11 @@ from . import __version__
 from .captions.expand import expand_prompt
 from .errors import UserError
 from .io import atomic_write
-from .lora import check_lora_fits, read_lora_shapes
-from .lora.formats import detect_format, read_modules, to_diffusers_state_dict
+from .lora.files import read_lora_shapes
+from .lora.formats import read_lora_file, to_diffusers_state_dict
+from .lora.layouts import LOADERS, loader_view, same_delta
+from .lora.modules import is_plain
+from .lora.tools import check_fits, fuse_into
 from .models.loading import BASE_MODEL, TURBO_MODEL, load_pipeline
 
 TURBO_STEPS, TURBO_GUIDANCE = 8, 1.0
@@ -79,30 +82,39 @@ def _free_path(folder: Path, stem: str) -> Path:
 
 
 def load_loras(pipe, loras: list[LoraSpec], fuse: bool = False) -> list[str]:
-    """Load LoRA files into the pipeline at their strengths; returns warnings to show.
+    """Load LoRA files of any layout into the pipeline at their strengths; returns warnings to show.
 
-    Each file's header is checked against the model first; diffusers then reads the tensors once.
+    A file diffusers itself reads as meant goes through ``load_lora_weights(path)``; any other plain
+    LoRA is converted in memory (scale folded in). Modules that are not plain LoRAs (DoRA's
+    ``dora_scale``, LoHa, LoKr, full deltas) are written into the weights exactly, at their strength.
     """
-    names, module_sets = [], []
+    names, module_sets, notes = [], [], []
+    diffusers_rule = next(loader for loader in LOADERS if loader.name == "diffusers")
     for i, spec in enumerate(loras):
         name = f"lora_{i}"
-        shapes, _ = read_lora_shapes(spec.path)
-        if detect_format(list(shapes)) == "diffusers":  # diffusers reads the file itself, alpha from its header
-            check_lora_fits(spec.path, shapes, pipe.transformer)
-            pipe.load_lora_weights(str(spec.path), adapter_name=name)
-        else:  # comfy, peft, kohya: converted in memory, the scale folded in (diffusers then takes alpha = rank)
-            state_dict = to_diffusers_state_dict(read_modules(spec.path)[0])
-            shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
-            check_lora_fits(spec.path, shapes, pipe.transformer)
-            pipe.load_lora_weights(state_dict, adapter_name=name)
-        module_sets.append({k.split(".lora_")[0] for k in shapes})
-        names.append(name)
+        lora = read_lora_file(spec.path)
+        check_fits(spec.path, lora.modules, pipe.transformer)
+        plain = {n: m for n, m in lora.modules.items() if is_plain(m)}
+        other = {n: m for n, m in lora.modules.items() if n not in plain}
+        view = loader_view(diffusers_rule, lora.tensors, lora.header, spec.path)
+        if view.loads and all(n in view.modules and same_delta(m, view.modules[n]) for n, m in lora.modules.items()):
+            pipe.load_lora_weights(str(spec.path), adapter_name=name)  # diffusers' own path: the file as it is
+            other = {}
+        elif plain:
+            pipe.load_lora_weights(to_diffusers_state_dict(plain), adapter_name=name)
+        if other:
+            fuse_into(pipe.transformer, other, spec.strength)
+            notes.append(f"{spec.path.name}: {len(other)} module(s) beyond plain LoRA (DoRA, LoHa, LoKr or full "
+                         "deltas) written into the weights at their strength")
+        module_sets.append(set(lora.modules))
+        if plain or not other:
+            names.append((name, spec.strength))
     if names:
-        pipe.set_adapters(names, [spec.strength for spec in loras])
+        pipe.set_adapters([n for n, _ in names], [s for _, s in names])
         if fuse:
-            pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
+            pipe.fuse_lora(adapter_names=[n for n, _ in names], lora_scale=1.0)
             pipe.unload_lora_weights()  # keeps the fused weights, drops the LoRA layers
-    return interference_warnings(loras, module_sets)
+    return notes + interference_warnings(loras, module_sets)
 
 
 def generate(

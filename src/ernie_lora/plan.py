@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .config import TrainRunConfig
 from .data.buckets import make_buckets
 from .flow import model_timesteps, noisy_latents, velocity_target
-from .lora import add_lora, resolve_targets
+from .lora.adapters import add_lora, resolve_targets
 from .models.block_swap import BlockSwap
 from .models.loading import parse_dtype, pixel_multiple, transformer_config
 from .models.quantize import quantizable, quantize_base, quantized_weight_bytes

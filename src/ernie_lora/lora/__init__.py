@@ -1,27 +1,11 @@
-"""LoRA adapters (peft) and LoRA files."""
+"""LoRA adapters and LoRA files.
 
-from .adapters import (
-    TARGET_PRESETS,
-    add_lora,
-    add_lora_from_file,
-    check_lora_fits,
-    lora_state_dict,
-    read_lora,
-    read_lora_shapes,
-    resolve_targets,
-    save_lora,
-    set_lora_state,
-)
+- ``files``: safetensors reading and writing, the header and its tensor hash;
+- ``modules``: the in-memory form of every layout (LoRA, DoRA, LoHa, LoKr, full deltas), exact apply, SVD;
+- ``layouts``: the key layouts and each loader's rule (diffusers, ComfyUI, peft, kohya);
+- ``formats``: read any layout, write ours with alpha / rank folded in;
+- ``adapters``: peft adapters on the DiT (training, resume, export);
+- ``tools``: info, verify, convert, merge, fuse.
 
-__all__ = [
-    "TARGET_PRESETS",
-    "add_lora",
-    "add_lora_from_file",
-    "check_lora_fits",
-    "lora_state_dict",
-    "read_lora",
-    "read_lora_shapes",
-    "resolve_targets",
-    "save_lora",
-    "set_lora_state",
-]
+Import from the submodule you need: only ``adapters`` loads peft.
+"""

@@ -1,204 +1,127 @@
-"""Every ERNIE-Image LoRA file layout, read into one form and written back out.
+"""Every ERNIE-Image LoRA file layout read into one form, and written back out in ours.
 
-- diffusers (also SimpleTuner, OneTrainer): ``transformer.<module>.lora_A.weight`` / ``lora_B.weight``;
-  alpha from ``lora_adapter_metadata`` in the header, else alpha = rank;
-- comfy (ai-toolkit, ComfyUI): ``diffusion_model.<module>.lora_A.weight`` / ``lora_B.weight``; an
-  optional ``<module>.alpha``, else alpha = rank;
-- peft: ``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight``; alpha from an
-  ``adapter_config.json`` beside the file, else alpha = rank;
-- kohya (musubi-tuner): ``lora_unet_<module_with_underscores>.lora_down.weight`` / ``.lora_up.weight``
-  with an optional ``.alpha`` tensor, else alpha = rank.
+Reading (``read_modules``) takes any row of ``layouts.LAYOUTS``: alpha comes from the module's
+``.alpha`` tensor, else the header's ``lora_adapter_metadata`` (peft's ``alpha_pattern`` and
+``use_rslora`` honoured), else ``adapter_config.json`` when the file is peft's own
+``adapter_model.safetensors``, else alpha = rank (what every loader assumes).
 
-Module paths are ERNIE's (``layers.N.self_attention.to_q``, ``layers.N.mlp.gate_proj``,
-``adaLN_modulation.1``, ``final_norm.linear``, ``final_linear``, ``text_proj``,
-``time_embedding.linear_1`` ...). What a LoRA does is ``delta W = alpha / rank * up @ down`` per
-module; conversions keep that product exactly (formats whose loaders assume alpha = rank get the
-scale folded into ``up``).
+Writing (``write_modules``) takes plain LoRAs only (``to_plain`` converts the rest) and always folds
+``alpha / rank`` into ``up``: the file says alpha = rank wherever it says anything, so diffusers,
+ComfyUI, peft and kohya-style loaders all apply exactly the same delta W at strength 1.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import UserError
-from .adapters import METADATA_PREFIX, read_lora
+from ..models.family import flat_module_name
+from .files import adapter_metadata, read_lora, resolve_lora_path, save_lora
+from .layouts import OUR_FORMATS, build_modules, layout_name, parse_keys, peft_folder_config
+from .modules import LoraModule, Module, is_plain
 
-FORMATS = ("diffusers", "comfy", "peft", "kohya")
-_PREFIXES = {"diffusers": "transformer.", "comfy": "diffusion_model.", "peft": "base_model.model."}
-# kohya names: dots became underscores, so the ERNIE names are rebuilt from their known shapes
-_KOHYA_FIXED = {
-    "adaLN_modulation_1": "adaLN_modulation.1",
-    "final_norm_linear": "final_norm.linear",
-    "final_linear": "final_linear",
-    "text_proj": "text_proj",
-    "time_embedding_linear_1": "time_embedding.linear_1",
-    "time_embedding_linear_2": "time_embedding.linear_2",
-}
-_KOHYA_LAYER = re.compile(r"^layers_(\d+)_(self_attention|mlp)_(to_q|to_k|to_v|to_out_0|gate_proj|up_proj|linear_fc2)$")
+FORMATS = OUR_FORMATS
+_PREFIX = {"diffusers": "transformer.", "comfy": "diffusion_model.", "peft": "base_model.model."}
 
 
 @dataclass
-class LoraModule:
-    down: torch.Tensor  # [rank, in]  (peft's lora_A)
-    up: torch.Tensor  # [out, rank]  (peft's lora_B)
-    alpha: float
-
-    @property
-    def rank(self) -> int:
-        return self.down.shape[0]
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    def delta(self) -> torch.Tensor:
-        return self.scale * (self.up.double() @ self.down.double())
+class LoraFile:
+    modules: dict[str, Module]
+    layout: str  # the LAYOUTS row it matched
+    header: dict[str, str]
+    alpha_source: str  # where its alphas came from
+    tensors: dict[str, torch.Tensor]  # as stored (what a loader's rule reads)
 
 
-def kohya_name(module: str) -> str:
-    return "lora_unet_" + module.replace(".", "_")
+def read_lora_file(path: str | Path) -> LoraFile:
+    """Any supported LoRA file (or peft adapter folder) -> {ERNIE module path: module}."""
+    path = resolve_lora_path(path)
+    tensors, header = read_lora(path)
+    parsed = parse_keys(list(tensors), path)
+    config, source = adapter_metadata(header, path), "header lora_adapter_metadata"
+    if config is None:
+        config, source = peft_folder_config(path), "adapter_config.json"
+    if any(k.role == "alpha" for k in parsed.values()):
+        source = ".alpha tensors" + (f" (else {source})" if config is not None else "")
+    elif config is None:
+        source = "none in the file: alpha = rank"
+    modules = build_modules(tensors, parsed, config, path)
+    for name, module in modules.items():
+        for tensor in vars(module).values():
+            if isinstance(tensor, torch.Tensor) and not bool(torch.isfinite(tensor).all()):
+                raise UserError(f"LoRA {path}: module {name} holds NaN or infinite values")
+    return LoraFile(modules, layout_name(parsed), header, source, tensors)
 
 
-def module_from_kohya(name: str) -> str | None:
-    body = name.removeprefix("lora_unet_")
-    if body in _KOHYA_FIXED:
-        return _KOHYA_FIXED[body]
-    m = _KOHYA_LAYER.match(body)
-    if m:
-        return f"layers.{m.group(1)}.{m.group(2)}.{m.group(3).replace('to_out_0', 'to_out.0')}"
-    return None
+def read_modules(path: str | Path) -> tuple[dict[str, Module], str, dict[str, str]]:
+    """(modules, layout name, header) of any supported LoRA file."""
+    f = read_lora_file(path)
+    return f.modules, f.layout, f.header
 
 
-def detect_format(keys: list[str]) -> str:
-    """The layout of a LoRA's keys; one line naming the problem when it is mixed or unknown."""
-    kinds = set()
-    for key in keys:
-        if key.startswith("lora_unet_"):
-            kinds.add("kohya")
-        elif key.startswith("base_model.model."):
-            kinds.add("peft")
-        elif key.startswith("diffusion_model."):
-            kinds.add("comfy")
-        elif key.startswith("transformer."):
-            kinds.add("diffusers")
-        else:
-            raise UserError(f"unknown LoRA key {key!r}: expected a transformer., diffusion_model., "
-                            "base_model.model. or lora_unet_ prefix")
-    if len(kinds) != 1:
-        raise UserError(f"mixed LoRA formats in one file: {', '.join(sorted(kinds)) or 'no keys'}")
-    return kinds.pop()
-
-
-def _peft_alphas(metadata: dict[str, str], path: Path) -> tuple[float | None, dict[str, float]]:
-    """(default alpha, per-module alpha pattern) from diffusers' header metadata or a PEFT adapter_config.json."""
-    config = None
-    if "lora_adapter_metadata" in metadata:
-        raw = json.loads(metadata["lora_adapter_metadata"])
-        config = {k.removeprefix("transformer."): v for k, v in raw.items()}
-    elif (path.parent / "adapter_config.json").exists():
-        config = json.loads((path.parent / "adapter_config.json").read_text())
-    if not config:
-        return None, {}
-    return config.get("lora_alpha"), dict(config.get("alpha_pattern") or {})
-
-
-def read_modules(path: str | Path) -> tuple[dict[str, LoraModule], str, dict[str, str]]:
-    """Any supported LoRA file -> {ERNIE module path: LoraModule}, its format, its header metadata."""
-    path = Path(path)
-    tensors, metadata = read_lora(path)
-    fmt = detect_format(list(tensors))
-    downs, ups, alphas = {}, {}, {}
-    for key, tensor in tensors.items():
-        if fmt == "kohya":
-            stem, _, kind = key.partition(".")
-            module = module_from_kohya(stem)
-            if module is None:
-                raise UserError(f"LoRA {path}: unknown kohya module {stem!r}")
-            if kind == "lora_down.weight":
-                downs[module] = tensor
-            elif kind == "lora_up.weight":
-                ups[module] = tensor
-            elif kind == "alpha":
-                alphas[module] = float(tensor)
-            else:
-                raise UserError(f"LoRA {path}: unknown key {key!r}")
-            continue
-        body = key.removeprefix(_PREFIXES[fmt])
-        if body.endswith(".lora_A.weight"):
-            downs[body.removesuffix(".lora_A.weight")] = tensor
-        elif body.endswith(".lora_B.weight"):
-            ups[body.removesuffix(".lora_B.weight")] = tensor
-        elif body.endswith(".alpha"):
-            alphas[body.removesuffix(".alpha")] = float(tensor)
-        else:
-            raise UserError(f"LoRA {path}: unknown key {key!r} (expected lora_A/lora_B weights)")
-    if set(downs) != set(ups):
-        odd = sorted(set(downs) ^ set(ups))[0]
-        raise UserError(f"LoRA {path}: module {odd!r} has only one of its two matrices")
-    default_alpha, pattern = _peft_alphas(metadata, path) if fmt in ("diffusers", "peft") else (None, {})
-    modules = {}
-    for name in sorted(downs):
-        down, up = downs[name], ups[name]
-        if down.dim() != 2 or up.dim() != 2 or up.shape[1] != down.shape[0]:
-            raise UserError(f"LoRA {path}: {name}: shapes {list(up.shape)} @ {list(down.shape)} do not chain")
-        alpha = alphas.get(name, pattern.get(name, default_alpha))
-        modules[name] = LoraModule(down.float(), up.float(), float(down.shape[0] if alpha is None else alpha))
-    return modules, fmt, metadata
-
-
-def _own_metadata(metadata: dict[str, str]) -> dict[str, str]:
-    return {k: v for k, v in metadata.items() if k.startswith(METADATA_PREFIX)}
-
-
-def write_modules(path: str | Path, modules: dict[str, LoraModule], fmt: str = "diffusers",
-                  metadata: dict[str, str] | None = None) -> Path:
-    """Write modules in ``fmt``; delta W of every module is what it was."""
-    from .adapters import save_lora
-
-    if fmt not in FORMATS:
-        raise UserError(f"--format {fmt!r}: choose from {', '.join(FORMATS)}")
-    header = {k.removeprefix(METADATA_PREFIX): v for k, v in _own_metadata(metadata or {}).items()}
-    tensors: dict[str, torch.Tensor] = {}
-    for name, m in modules.items():
-        if fmt == "kohya":
-            tensors[f"{kohya_name(name)}.lora_down.weight"] = m.down
-            tensors[f"{kohya_name(name)}.lora_up.weight"] = m.up
-            tensors[f"{kohya_name(name)}.alpha"] = torch.tensor(float(m.alpha))
-        elif fmt == "diffusers":
-            tensors[f"transformer.{name}.lora_A.weight"] = m.down
-            tensors[f"transformer.{name}.lora_B.weight"] = m.up
-        else:  # comfy and peft loaders assume alpha = rank: fold the scale into up
-            prefix = _PREFIXES[fmt]
-            tensors[f"{prefix}{name}.lora_A.weight"] = m.down
-            tensors[f"{prefix}{name}.lora_B.weight"] = m.up * m.scale
-    peft_config = _peft_config(modules) if fmt == "diffusers" else None
-    return save_lora(path, tensors, peft_config, header)
-
-
-def _peft_config(modules: dict[str, LoraModule]):
-    """A peft LoraConfig describing the modules (per-module rank and alpha patterns where they differ)."""
-    from peft import LoraConfig
-
+def adapter_config(modules: dict[str, LoraModule]) -> dict:
+    """A peft LoraConfig (as a dict) for folded modules: alpha = rank everywhere, so the scale is 1.0."""
     ranks = [m.rank for m in modules.values()]
     r = max(set(ranks), key=ranks.count)
-    alphas = [m.alpha for m in modules.values()]
-    alpha = max(set(alphas), key=alphas.count)
-    return LoraConfig(
-        r=r, lora_alpha=alpha, target_modules=sorted(modules),
-        rank_pattern={n: m.rank for n, m in modules.items() if m.rank != r},
-        alpha_pattern={n: m.alpha for n, m in modules.items() if m.alpha != alpha},
-    )
+    odd = {n: m.rank for n, m in modules.items() if m.rank != r}
+    return {"r": r, "lora_alpha": r, "target_modules": sorted(modules), "rank_pattern": odd, "alpha_pattern": odd,
+            "lora_dropout": 0.0, "bias": "none", "use_dora": False, "use_rslora": False,
+            "init_lora_weights": True, "peft_type": "LORA"}
 
 
-def to_diffusers_state_dict(modules: dict[str, LoraModule]) -> dict[str, torch.Tensor]:
+def _factor(t: torch.Tensor, conv: bool) -> torch.Tensor:
+    return t[:, :, None, None] if conv else t
+
+
+def folded_state_dict(modules: dict[str, Module], fmt: str) -> dict[str, torch.Tensor]:
+    """The tensors of ``fmt`` for plain LoRAs, the scale folded into up (alpha = rank)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in modules.items():
+        if not is_plain(module):
+            raise UserError(f"module {name} is not a plain LoRA; convert it first (lora convert ... --rank R)")
+        m = module.folded()
+        down, up = _factor(m.down, m.conv).contiguous(), _factor(m.up, m.conv).contiguous()
+        if fmt == "kohya":
+            stem = "lora_unet_" + flat_module_name(name)
+            tensors[f"{stem}.lora_down.weight"] = down
+            tensors[f"{stem}.lora_up.weight"] = up
+            tensors[f"{stem}.alpha"] = torch.tensor(float(m.rank))
+        else:
+            tensors[f"{_PREFIX[fmt]}{name}.lora_A.weight"] = down
+            tensors[f"{_PREFIX[fmt]}{name}.lora_B.weight"] = up
+    return tensors
+
+
+def write_modules(path: str | Path, modules: dict[str, Module], fmt: str = "diffusers",
+                  provenance: dict | None = None) -> Path:
+    """Write plain LoRA modules in ``fmt`` with the scale folded in, ``provenance`` in the header (our
+    ``ernie_lora.*`` fields); returns the LoRA file written.
+
+    peft: ``path`` is a folder (``adapter_model.safetensors`` + ``adapter_config.json``, what
+    ``PeftModel.from_pretrained`` loads); or a ``.safetensors`` path for the tensors alone."""
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt!r}: choose from {', '.join(FORMATS)}")
+    path = Path(path)
+    header = dict(provenance or {})
+    tensors = folded_state_dict(modules, fmt)
+    config = adapter_config(modules) if fmt != "kohya" else None
+    if fmt == "peft" and path.suffix != ".safetensors":
+        from ..io import atomic_write_text
+
+        path.mkdir(parents=True, exist_ok=True)
+        written = save_lora(path / "adapter_model.safetensors", tensors, None, header)
+        atomic_write_text(path / "adapter_config.json", json.dumps({**config, "base_model_name_or_path":
+                                                                     header.get("base_model", "")}, indent=2) + "\n")
+        return written
+    # diffusers' header key names the component: transformer.r, transformer.lora_alpha, ...
+    header_config = {f"transformer.{k}": v for k, v in config.items()} if config else None
+    return save_lora(path, tensors, header_config, header)
+
+
+def to_diffusers_state_dict(modules: dict[str, Module]) -> dict[str, torch.Tensor]:
     """diffusers keys with the scale folded into up, for ``load_lora_weights`` from memory (alpha = rank)."""
-    out = {}
-    for name, m in modules.items():
-        out[f"transformer.{name}.lora_A.weight"] = m.down
-        out[f"transformer.{name}.lora_B.weight"] = m.up * m.scale
-    return out
+    return folded_state_dict(modules, "diffusers")

@@ -1,27 +1,53 @@
-"""What users do with LoRA files besides training them: inspect, verify, merge, fuse."""
+"""What users do with LoRA files besides training them: inspect, verify, convert, merge, fuse."""
 
 from __future__ import annotations
 
-import hashlib
-import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..errors import UserError
-from .adapters import METADATA_PREFIX, check_lora_fits
-from .formats import LoraModule, read_modules, to_diffusers_state_dict
+from .files import METADATA_PREFIX, provenance, read_lora, resolve_lora_path, tensor_sha256
+from .formats import read_lora_file
+from .layouts import LOADERS, LoaderView, loader_view, same_delta
+from .modules import LoraModule, Module, apply, factors, is_plain, kind, to_plain, without_bias
 
 
-def tensor_sha256(tensors: dict[str, torch.Tensor]) -> str:
-    """A hash of every tensor's name, dtype, shape and bytes, in key order (stored at save, checked by verify)."""
-    h = hashlib.sha256()
-    for key in sorted(tensors):
-        t = tensors[key].detach().cpu().contiguous()
-        h.update(f"{key}|{t.dtype}|{list(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # reshape: 0-d alpha tensors too
-    return h.hexdigest()
+def find_layer(transformer: torch.nn.Module, name: str) -> torch.nn.Module | None:
+    """The layer a module path names (peft's base layer when an adapter wraps it)."""
+    layer = dict(transformer.named_modules()).get(name)
+    return getattr(layer, "base_layer", layer)
+
+
+def fit_problems(modules: dict[str, Module], transformer: torch.nn.Module) -> list[str]:
+    """Modules whose layer the model lacks, or whose shape differs from it."""
+    problems = []
+    for name, module in modules.items():
+        layer = find_layer(transformer, name)
+        weight = getattr(layer, "weight", None)
+        if weight is None:
+            problems.append(f"{name} (no such layer in the model)")
+            continue
+        if isinstance(layer, torch.nn.Conv2d) and tuple(layer.kernel_size) != (1, 1):
+            problems.append(f"{name} (a {tuple(layer.kernel_size)} convolution; only 1x1 ones are linear)")
+            continue
+        want = tuple(weight.shape[:2]) if weight.dim() > 1 else tuple(weight.shape)
+        got = tuple(module.shape)[:2] if len(module.shape) > 1 else tuple(module.shape)
+        if got and got != want:
+            problems.append(f"{name} shape {list(got)} != the model's {list(want)}")
+        if module.bias is not None and (getattr(layer, "bias", None) is None
+                                        or layer.bias.shape != module.bias.shape):
+            problems.append(f"{name} changes a bias the model's layer does not have")
+    return problems
+
+
+def check_fits(path: str | Path, modules: dict[str, Module], transformer: torch.nn.Module) -> None:
+    problems = fit_problems(modules, transformer)
+    if problems:
+        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise UserError(f"LoRA {path} does not match the model: {'; '.join(problems[:3])}{more}")
 
 
 @dataclass
@@ -29,23 +55,46 @@ class LoraInfo:
     path: Path
     format: str
     modules: int
+    kinds: dict[str, int]
     ranks: dict[int, int]  # rank -> number of modules
     alphas: dict[float, int]
+    alpha_source: str
     size_bytes: int
     provenance: dict[str, str] = field(default_factory=dict)
+    loaders: list[tuple[LoaderView, bool | None, str]] = field(default_factory=list)
     fits: str | None = None  # None: not checked; "yes" or the first mismatch
 
 
+def loader_verdicts(path: Path, intended: dict[str, Module], tensors, header
+                    ) -> list[tuple[LoaderView, bool | None, str]]:
+    """For each loader: what it makes of the file, whether that is the delta the file means (None: it does
+    not load the file), and a line saying why."""
+    verdicts = []
+    for loader in LOADERS:
+        view = loader_view(loader, tensors, header, path)
+        if not view.loads:
+            verdicts.append((view, None, view.note))
+            continue
+        wrong = [n for n, m in intended.items() if n not in view.modules or not same_delta(m, view.modules[n])]
+        detail = view.note
+        if wrong:
+            a, b = intended[wrong[0]], view.modules.get(wrong[0])
+            ratio = (f"{b.scale / a.scale:.3g}x the meant delta" if isinstance(a, LoraModule)
+                     and isinstance(b, LoraModule) and a.scale else "not the meant delta")
+            detail += f": {ratio} in {len(wrong)} of {len(intended)} modules (e.g. {wrong[0]})"
+        verdicts.append((view, not wrong, detail))
+    return verdicts
+
+
 def lora_info(path: str | Path, model: str | None = None) -> LoraInfo:
-    path = Path(path)
-    modules, fmt, metadata = read_modules(path)
-    ranks: dict[int, int] = {}
-    alphas: dict[float, int] = {}
-    for m in modules.values():
-        ranks[m.rank] = ranks.get(m.rank, 0) + 1
-        alphas[m.alpha] = alphas.get(m.alpha, 0) + 1
-    provenance = {k.removeprefix(METADATA_PREFIX): v for k, v in metadata.items() if k.startswith(METADATA_PREFIX)}
-    info = LoraInfo(path, fmt, len(modules), ranks, alphas, path.stat().st_size, provenance)
+    path = resolve_lora_path(path)
+    lora = read_lora_file(path)
+    tensors, header, modules = lora.tensors, lora.header, lora.modules
+    ranks = Counter(m.rank for m in modules.values() if isinstance(m, LoraModule))
+    alphas = Counter(m.alpha for m in modules.values() if isinstance(m, LoraModule))
+    info = LoraInfo(path, lora.layout, len(modules), dict(Counter(kind(m) for m in modules.values())), dict(ranks),
+                    dict(alphas), lora.alpha_source, path.stat().st_size, provenance(header),
+                    loader_verdicts(path, modules, tensors, header))
     if model is not None:
         from accelerate import init_empty_weights
         from diffusers import ErnieImageTransformer2DModel
@@ -54,38 +103,67 @@ def lora_info(path: str | Path, model: str | None = None) -> LoraInfo:
 
         with init_empty_weights():  # shapes only: an 8B model is checked without loading 15 GB
             transformer = ErnieImageTransformer2DModel.from_config(load_component_config(model, "transformer"))
-        shapes = {k: tuple(v.shape) for k, v in to_diffusers_state_dict(modules).items()}
-        try:
-            check_lora_fits(path, shapes, transformer)
-            info.fits = "yes"
-        except UserError as exc:
-            info.fits = str(exc)
+        problems = fit_problems(modules, transformer)
+        info.fits = "yes" if not problems else f"no: {'; '.join(problems[:3])}"
     return info
 
 
-def verify_lora(path: str | Path) -> tuple[bool, str]:
-    """(ok, what was checked): the header parses, the keys are one known format, the tensor hash matches."""
-    from .adapters import read_lora
-
+def verify_lora(path: str | Path) -> tuple[int, str]:
+    """(exit code, what was checked): 0 when the file reads and its stored tensor hash matches, or when it
+    carries no hash (a file from another tool: nothing to compare); 1 on a hash mismatch."""
     tensors, metadata = read_lora(path)  # header integrity: a truncated or corrupt file fails here
-    for key, value in metadata.items():
-        if key == "lora_adapter_metadata":
-            try:
-                json.loads(value)
-            except json.JSONDecodeError:
-                return False, f"header field {key} is not valid JSON"
-    read_modules(path)
+    read_lora_file(path)  # every key in a known layout, shapes that chain, finite values
     stored = metadata.get(METADATA_PREFIX + "tensor_sha256")
     if stored is None:
-        return False, "no stored tensor hash (not written by ernie-lora, or written before provenance existed)"
+        return 0, "no provenance (a file from another tool): header, keys and shapes check out, no hash to compare"
     actual = tensor_sha256(tensors)
     if actual != stored:
-        return False, f"tensor hash mismatch: stored {stored[:16]}..., computed {actual[:16]}..."
-    return True, f"header, format and tensor hash ({stored[:16]}...) all check out"
+        return 1, f"tensor hash mismatch: stored {stored[:16]}..., computed {actual[:16]}..."
+    return 0, f"header, layout and tensor hash ({stored[:16]}...) all check out"
 
 
-def merge_modules(loras: list[dict[str, LoraModule]], weights: list[float], rank: int
-                  ) -> tuple[dict[str, LoraModule], float]:
+def base_weights(model: str | None, names: list[str]) -> dict[str, torch.Tensor]:
+    """The named layers' weights of ``model`` (DoRA's changes depend on them)."""
+    if not names:
+        return {}
+    if model is None:
+        raise UserError(f"{names[0]} uses DoRA, whose change depends on the base weights: pass --model")
+    from ..models import load_transformer
+
+    transformer = load_transformer(model, dtype="fp32")
+    out = {}
+    for name in names:
+        layer = find_layer(transformer, name)
+        if layer is None:
+            raise UserError(f"module {name}: no such layer in {model}")
+        out[name] = layer.weight.detach()
+    return out
+
+
+def convert_modules(modules: dict[str, Module], rank: int | None, model: str | None = None,
+                    drop_bias: bool = False) -> tuple[dict[str, LoraModule], dict[str, float]]:
+    """Plain LoRAs for every module (a truncated SVD at ``rank`` where a module is not one), and the
+    relative error of each module that needed it."""
+    if drop_bias:
+        modules = {n: m for n, m in ((n, without_bias(m)) for n, m in modules.items()) if m is not None}
+    odd = [n for n, m in modules.items() if not is_plain(m)]
+    if odd and rank is None:
+        raise UserError(f"{len(odd)} module(s) are not plain LoRAs (e.g. {odd[0]}: {kind(modules[odd[0]])}); "
+                        "pass --rank R to approximate them by a truncated SVD")
+    bases = base_weights(model, [n for n in odd if modules[n].dora is not None])
+    plain, errors = {}, {}
+    for name, module in modules.items():
+        try:
+            plain[name], error = to_plain(module, rank or 1, bases.get(name))
+        except UserError as exc:
+            raise UserError(f"module {name}: {exc}") from None
+        if name in odd:
+            errors[name] = error
+    return plain, errors
+
+
+def merge_modules(loras: list[dict[str, Module]], weights: list[float], rank: int,
+                  bases: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, LoraModule], float]:
     """One LoRA from several: per module, the truncated SVD of sum_i w_i * delta W_i.
 
     Computed without forming delta W: the stacked factors have rank K = sum of ranks, so
@@ -102,9 +180,12 @@ def merge_modules(loras: list[dict[str, LoraModule]], weights: list[float], rank
         ups, downs = [], []
         for lora, w in zip(loras, weights, strict=True):
             if name in lora:
-                m = lora[name]
-                ups.append(m.up.double() * (w * m.scale))
-                downs.append(m.down.double())
+                if lora[name].bias is not None:
+                    raise UserError(f"module {name}: a bias change cannot be merged into a LoRA (lora convert "
+                                    "--drop-bias first)")
+                up, down = factors(lora[name], (bases or {}).get(name))
+                ups.append(up * w)
+                downs.append(down)
         shapes = {(u.shape[0], d.shape[1]) for u, d in zip(ups, downs, strict=True)}
         if len(shapes) != 1:
             raise UserError(f"module {name}: the LoRAs disagree on its shape ({sorted(shapes)})")
@@ -116,19 +197,22 @@ def merge_modules(loras: list[dict[str, LoraModule]], weights: list[float], rank
         total += float((s**2).sum())
         up = (q_up @ u[:, :r]) * s[:r]
         down = vh[:r] @ q_down.T
-        merged[name] = LoraModule(down.float().contiguous(), up.float().contiguous(), float(r))
+        conv = any(lora[name].conv for lora in loras if name in lora)
+        merged[name] = LoraModule(down.float().contiguous(), up.float().contiguous(), float(r), conv)
     return merged, (kept / total if total else 1.0)
 
 
 @torch.no_grad()
-def fuse_into(transformer, modules: dict[str, LoraModule], strength: float = 1.0) -> None:
-    """W <- W + strength * delta W for every module, in place."""
-    named = dict(transformer.named_modules())
-    for name, m in modules.items():
-        layer = named.get(name)
-        if not isinstance(layer, torch.nn.Linear):
-            raise UserError(f"module {name!r}: no such linear layer in the model")
-        if layer.weight.shape != (m.up.shape[0], m.down.shape[1]):
-            raise UserError(f"module {name}: LoRA delta {list(m.up.shape[:1]) + list(m.down.shape[1:])} != "
-                            f"weight {list(layer.weight.shape)}")
-        layer.weight += (strength * m.delta()).to(layer.weight.dtype)
+def fuse_into(transformer, modules: dict[str, Module], strength: float = 1.0) -> None:
+    """Every module's change at ``strength`` written into the model's weights, exactly as its loader applies it."""
+    for name, module in modules.items():
+        layer = find_layer(transformer, name)
+        if layer is None or getattr(layer, "weight", None) is None:
+            raise UserError(f"module {name!r}: no such layer in the model")
+        problems = fit_problems({name: module}, transformer)
+        if problems:
+            raise UserError(f"module {problems[0]}")
+        weight, bias = apply(module, layer.weight, getattr(layer, "bias", None), strength)
+        layer.weight.copy_(weight.to(layer.weight.dtype))
+        if bias is not None and module.bias is not None:
+            layer.bias.copy_(bias.to(layer.bias.dtype))

@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler
 from peft import LoraConfig as PeftLoraConfig
-from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from tqdm.auto import tqdm
 
 from .. import __version__
@@ -44,8 +43,16 @@ from ..data.cache import build_caches, load_embedding
 from ..errors import UserError
 from ..flow import predict_velocity
 from ..io import atomic_write_text
-from ..lora import add_lora_from_file, read_lora, save_lora, set_lora_state
-from ..lora.adapters import ADAPTER_NAME
+from ..lora.adapters import (
+    ADAPTER_NAME,
+    add_lora_from_file,
+    export_adapter,
+    load_lora_into_adapter,
+    lora_state_dict,
+    peft_config_metadata,
+    set_lora_state,
+)
+from ..lora.files import read_lora, save_lora
 from ..models.loading import load_component_config, load_transformer, parse_dtype, pixel_multiple
 from .lora import add_training_lora, pick_device
 from .run_dir import (
@@ -145,13 +152,14 @@ def run_distill(cfg: DistillRunConfig, output: str | Path, *, resume: bool = Fal
             add_lora_from_file(transformer, t.lora, name)
         teachers.append(Teacher(name, t.t_range[0], t.t_range[1], t.guidance))
     # the fake score starts where the (first) teacher is: the base, or its LoRA when it has one
-    transformer.add_adapter(PeftLoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, target_modules=targets,
-                                           init_lora_weights=True), adapter_name=FAKE)
-    if teachers[0].adapter:
-        source = get_peft_model_state_dict(transformer, adapter_name=teachers[0].adapter)
-        if {k: v.shape for k, v in source.items()} == {
-                k: v.shape for k, v in get_peft_model_state_dict(transformer, adapter_name=FAKE).items()}:
-            set_peft_model_state_dict(transformer, source, adapter_name=FAKE)
+    fake_config = PeftLoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, target_modules=targets,
+                                 init_lora_weights=True)
+    transformer.add_adapter(fake_config, adapter_name=FAKE)
+    if cfg.teachers[0].lora:
+        try:  # the teacher's delta, when its modules and ranks are the fake score's; else a fresh start
+            load_lora_into_adapter(transformer, cfg.teachers[0].lora, fake_config, "teachers[0].lora", FAKE)
+        except UserError:
+            pass
     transformer.set_adapter(STUDENT)
     adapters = Adapters(transformer)
     with adapters.use(STUDENT):
@@ -238,8 +246,8 @@ def run_distill(cfg: DistillRunConfig, output: str | Path, *, resume: bool = Fal
             return
 
         def write(folder: Path) -> None:
-            save_lora(folder / "lora.safetensors", _adapter_sd(transformer, STUDENT), peft_config)
-            save_lora(folder / "fake.safetensors", _adapter_sd(transformer, FAKE), peft_config)
+            for adapter, file in ((STUDENT, "lora.safetensors"), (FAKE, "fake.safetensors")):
+                save_lora(folder / file, lora_state_dict(transformer, adapter), peft_config_metadata(peft_config))
             torch.save({"step": step, "opt_student": opt_student.state_dict(), "opt_fake": opt_fake.state_dict(),
                         "rng": rng_state(generator), "prompt_rng": prompt_rng.getstate()},
                        folder / "training_state.pt")
@@ -326,14 +334,9 @@ def run_distill(cfg: DistillRunConfig, output: str | Path, *, resume: bool = Fal
     metadata = {"base_model": cfg.model.name, "recipe": "distill", "student_steps": dcfg.student_steps,
                 "guidance": 1.0, "rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "steps": step,
                 "tool": f"ernie-lora {__version__}", "training_config": cfg.model_dump(mode="json")}
-    save_lora(output / "lora.safetensors", _adapter_sd(transformer, STUDENT), peft_config, metadata)
+    export_adapter(output / "lora.safetensors", transformer, peft_config, metadata, STUDENT)
     report = _proof(cfg, output, history) if cfg.proof else None
     return RunResult(output, step, history, report)
-
-
-def _adapter_sd(transformer, name: str) -> dict[str, torch.Tensor]:
-    sd = get_peft_model_state_dict(transformer, adapter_name=name)
-    return {f"transformer.{k}": v.detach().clone().contiguous() for k, v in sd.items()}
 
 
 def _prompts(cfg: DistillRunConfig) -> list[str]:

@@ -39,7 +39,7 @@ from ..data.preference import pair_items, read_pairs, write_synthetic_pairs
 from ..errors import UserError
 from ..flow import noisy_latents, predict_velocity, sample_sigmas, velocity_target
 from ..io import atomic_write_text
-from ..lora import lora_state_dict, save_lora
+from ..lora.adapters import export_adapter
 from ..models.loading import load_component_config, load_transformer, parse_dtype, pixel_multiple
 from .lora import BucketBatches, add_training_lora, make_optimizer, pick_device, timestep_shift
 from .run_dir import (
@@ -240,7 +240,7 @@ def run_dpo(cfg: DpoRunConfig, output: str | Path, *, resume: bool = False, over
                 "steps": step, "pairs": n_pairs, "beta": beta, "tool": f"ernie-lora {__version__}",
                 "creator": cfg.provenance.creator, "licence": cfg.provenance.licence,
                 "consent": cfg.provenance.consent, "training_config": config_dict}
-    save_lora(output / "lora.safetensors", lora_state_dict(transformer), peft_config, metadata)
+    export_adapter(output / "lora.safetensors", transformer, peft_config, metadata)
     report = _proof(cfg, output, pairs, pair_report, history) if cfg.proof else None
     return RunResult(output, step, history, report)
 

@@ -37,15 +37,7 @@ from ..data.sampling import aesthetic_levels, sample_weights
 from ..errors import UserError
 from ..flow import noisy_latents, predict_velocity, sample_sigmas, velocity_target
 from ..io import atomic_write_text, sha256_text
-from ..lora import (
-    add_lora,
-    check_lora_fits,
-    lora_state_dict,
-    read_lora,
-    resolve_targets,
-    save_lora,
-    set_lora_state,
-)
+from ..lora.adapters import add_lora, export_adapter, load_lora_into_adapter, resolve_targets
 from ..models.block_swap import BlockSwap, move_buffers
 from ..models.loading import (
     component_fingerprint,
@@ -150,9 +142,7 @@ def add_training_lora(transformer, lora_cfg) -> tuple[PeftLoraConfig, list[str],
     targets = resolve_targets(transformer, lora_cfg.targets)
     peft_config = add_lora(transformer, lora_cfg.rank, lora_cfg.alpha, targets, lora_cfg.dropout)
     if lora_cfg.init_from:
-        init_sd, _ = read_lora(lora_cfg.init_from)
-        check_lora_fits(lora_cfg.init_from, {k: tuple(v.shape) for k, v in init_sd.items()}, transformer)
-        set_lora_state(transformer, init_sd, f"lora.init_from {lora_cfg.init_from}")
+        load_lora_into_adapter(transformer, lora_cfg.init_from, peft_config, f"lora.init_from {lora_cfg.init_from}")
     params = [p for p in transformer.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()
@@ -355,7 +345,7 @@ def train(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "training_config": config_dict,
     }
-    save_lora(output / "lora.safetensors", lora_state_dict(transformer), peft_config, metadata)
+    export_adapter(output / "lora.safetensors", transformer, peft_config, metadata)
     return TrainResult(output, step, last_loss, cached)
 
 

@@ -160,10 +160,11 @@ def read_metrics(path: Path, fields: tuple[str, ...]) -> list[dict]:
 def save_lora_checkpoint(output: Path, step: int, keep: int, transformer, peft_config, optimizer, lr_scheduler,
                          batches, generator: torch.Generator) -> Path:
     """A single-LoRA recipe's checkpoint: the LoRA, and everything an exact resume needs."""
-    from ..lora import lora_state_dict, save_lora
+    from ..lora.adapters import lora_state_dict, peft_config_metadata
+    from ..lora.files import save_lora
 
     def write(folder: Path) -> None:
-        save_lora(folder / "lora.safetensors", lora_state_dict(transformer), peft_config)
+        save_lora(folder / "lora.safetensors", lora_state_dict(transformer), peft_config_metadata(peft_config))
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
                     "data": batches.state_dict(), "rng": rng_state(generator)}, folder / "training_state.pt")
     return save_checkpoint(output, step, write, keep)
@@ -172,7 +173,8 @@ def save_lora_checkpoint(output: Path, step: int, keep: int, transformer, peft_c
 def load_lora_checkpoint(output: Path, transformer, optimizer, lr_scheduler, batches,
                          generator: torch.Generator) -> int:
     """Restore what ``save_lora_checkpoint`` wrote last into the live objects; returns its step."""
-    from ..lora import read_lora, set_lora_state
+    from ..lora.adapters import set_lora_state
+    from ..lora.files import read_lora
 
     ckpt = latest_checkpoint(output)
     lora_sd, _ = read_lora(ckpt / "lora.safetensors")
