@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from ernie_lora.config import TrainRunConfig  # noqa: E402
 from ernie_lora.lora.adapters import add_lora, resolve_targets  # noqa: E402
 from ernie_lora.models.block_swap import BlockSwap  # noqa: E402
-from ernie_lora.models.loading import ERNIE_IMAGE_TRANSFORMER_CONFIG  # noqa: E402
+from ernie_lora.models.family import FULL_TRANSFORMER_CONFIG  # noqa: E402
 from ernie_lora.models.quantize import quantize_base  # noqa: E402
 from ernie_lora.plan import Profiles, Settings, build_dit, estimate, narrowed, training_step  # noqa: E402
 
@@ -101,7 +101,7 @@ def main() -> None:
 
     diffusers_logging.set_verbosity_error()  # build_dit's dtype cast logs a note per model
 
-    config = dict(ERNIE_IMAGE_TRANSFORMER_CONFIG)
+    config = dict(FULL_TRANSFORMER_CONFIG)
     if args.layers:
         config["num_layers"] = args.layers
     if args.scale > 1:

@@ -19,11 +19,11 @@ import torch
 from ernie_lora.generate import LoraSpec, load_loras
 from ernie_lora.lora.adapters import add_lora, lora_state_dict, peft_config_metadata, resolve_targets
 from ernie_lora.lora.files import save_lora
-from ernie_lora.models import load_pipeline
+from ernie_lora.models import ERNIE_IMAGE
 
 
 def random_lora(path: Path, seed: int) -> Path:
-    transformer = load_pipeline("micro", dtype="fp32", components=("transformer",)).transformer
+    transformer = ERNIE_IMAGE.load_pipeline("micro", dtype="fp32", components=("transformer",)).transformer
     torch.manual_seed(seed)
     config = add_lora(transformer, 16, 16, resolve_targets(transformer, "attn_mlp"))
     for name, param in transformer.named_parameters():
@@ -46,7 +46,7 @@ def main() -> None:
                   "two stacked": [LoraSpec(a, 0.6), LoraSpec(b, 0.6)]}
         pipes = {}
         for name, loras in setups.items():
-            pipe = load_pipeline("micro", dtype="fp32")
+            pipe = ERNIE_IMAGE.load_pipeline("micro", dtype="fp32")
             pipe.set_progress_bar_config(disable=True)
             load_loras(pipe, loras, fuse=name == "fused")
             pipes[name] = pipe

@@ -30,14 +30,14 @@ from ernie_lora.data import check_dataset, make_buckets, nearest_bucket, resize_
 from ernie_lora.data.cache import build_caches, image_to_tensor, load_embedding, load_latent
 from ernie_lora.data.dataset import load_rgb
 from ernie_lora.data.synthetic import write_synthetic_dataset
-from ernie_lora.flow import noisy_latents, predict_velocity, sample_sigmas, velocity_target
+from ernie_lora.flow import noisy_latents, sample_sigmas, velocity_target
 from ernie_lora.lora.adapters import add_lora, resolve_targets
-from ernie_lora.models import encode_images, load_pipeline
+from ernie_lora.models import ERNIE_IMAGE
 from ernie_lora.models import tiny as tiny_module
 
 SCALES = {
     "tiny": dict(resolution=32, build=lambda: tiny_module.build_tiny_pipeline(0)),
-    "micro": dict(resolution=64, build=lambda: load_pipeline("micro", dtype="fp32")),
+    "micro": dict(resolution=64, build=lambda: ERNIE_IMAGE.load_pipeline("micro", dtype="fp32")),
     "cpu": dict(
         resolution=128,
         build=lambda: tiny_module.build_pipeline_from_configs(
@@ -61,7 +61,7 @@ def count(module) -> float:
 def dit_step(transformer, optimizer, x0, texts, generator) -> float:
     noise = torch.randn(x0.shape, generator=generator)
     sigmas = sample_sigmas(x0.shape[0], generator)
-    pred = predict_velocity(transformer, noisy_latents(x0, noise, sigmas), sigmas, texts)
+    pred = ERNIE_IMAGE.predict_velocity(transformer, noisy_latents(x0, noise, sigmas), sigmas, texts)
     loss = torch.nn.functional.mse_loss(pred, velocity_target(x0, noise))
     loss.backward()
     optimizer.step()
@@ -100,7 +100,7 @@ def run_scale(name: str, steps: int, batch: int, workdir: Path) -> float:
                                                 "center", random.Random(0)))
                 for it in chosen
             ])
-            latents = encode_images(pipe.vae, pixels)
+            latents = ERNIE_IMAGE.encode_images(pipe.vae, pixels)
             texts = [pipe.encode_prompt(it.caption, device="cpu")[0] for it in chosen]
         return latents, texts
 

@@ -6,7 +6,7 @@ import torch
 from conftest import tiny_config
 from ernie_lora.lora.adapters import add_lora, resolve_targets
 from ernie_lora.lora.files import read_lora
-from ernie_lora.models import load_transformer
+from ernie_lora.models import ERNIE_IMAGE
 from ernie_lora.models.block_swap import BlockSwap
 from ernie_lora.plan import Profiles, Settings, estimate, measure_step, training_step
 from ernie_lora.recipes.lora import train
@@ -22,7 +22,7 @@ class PoisonedSwap(BlockSwap):
 
 def _model(checkpointing: bool):
     torch.manual_seed(0)
-    model = load_transformer("tiny", dtype="fp32")
+    model = ERNIE_IMAGE.load_transformer("tiny", dtype="fp32")
     add_lora(model, 4, 8.0, resolve_targets(model, "attn_mlp"))
     with torch.no_grad():  # LoRA B starts at zero; non-zero makes every LoRA gradient informative
         for name, p in model.named_parameters():

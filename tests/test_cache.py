@@ -4,7 +4,7 @@ from ernie_lora.data import check_dataset, make_buckets
 from ernie_lora.data.buckets import nearest_bucket, resize_and_crop
 from ernie_lora.data.cache import build_caches, image_to_tensor, load_embedding, load_latent
 from ernie_lora.data.dataset import load_rgb
-from ernie_lora.models import build_tiny_pipeline, encode_images
+from ernie_lora.models import ERNIE_IMAGE, build_tiny_pipeline
 
 
 def test_second_run_encodes_nothing_and_changes_reencode_only_what_changed(poster_dataset, tmp_path):
@@ -38,7 +38,8 @@ def test_cached_entries_equal_what_the_pipeline_computes(poster_dataset, tmp_pat
     assert torch.equal(load_embedding(sample.text_file), expected_text)
     assert torch.equal(load_embedding(cached.empty_text_file), pipe.encode_prompt("", device="cpu")[0])
     image = resize_and_crop(load_rgb(item.image), nearest_bucket(item.width, item.height, buckets))
-    torch.testing.assert_close(load_latent(sample.latent_file), encode_images(pipe.vae, image_to_tensor(image))[0])
+    encoded = ERNIE_IMAGE.encode_images(pipe.vae, image_to_tensor(image))[0]
+    torch.testing.assert_close(load_latent(sample.latent_file), encoded)
 
 
 def test_atomic_writes_leave_normal_permissions(tmp_path):

@@ -8,14 +8,16 @@ from conftest import run_cli
 from ernie_lora.config import DistillRunConfig
 from ernie_lora.errors import UserError
 from ernie_lora.lora.files import read_lora
-from ernie_lora.recipes.distill import Teacher, euler_sigmas, frechet_distance, run_distill, teacher_for
+from ernie_lora.models import ERNIE_IMAGE
+from ernie_lora.proofs import frechet_distance
+from ernie_lora.recipes.distill import run_distill
+from ernie_lora.recipes.dmd import Teacher, teacher_for
 
 
 def test_the_students_euler_steps_are_the_pipelines():
     """What the student is trained through equals what `generate --steps K --guidance 1` runs."""
     from diffusers import ErnieImagePipeline
 
-    from ernie_lora.flow import predict_velocity
     from ernie_lora.models import build_tiny_pipeline
 
     pipe: ErnieImagePipeline = build_tiny_pipeline(0)
@@ -25,12 +27,13 @@ def test_the_students_euler_steps_are_the_pipelines():
     noise = torch.randn(1, channels, 2, 2, generator=torch.Generator().manual_seed(0))
     expected = pipe(prompt_embeds=[emb], height=32, width=32, num_inference_steps=3, guidance_scale=1.0,
                     latents=noise.clone(), output_type="latent", use_pe=False).images
-    sigmas = euler_sigmas("tiny", 3)
+    sigmas = ERNIE_IMAGE.euler_sigmas("tiny", 3)
     assert sigmas[0] == 1.0 and sigmas[-1] == 0.0 and len(sigmas) == 4
     x = noise.clone()
     with torch.no_grad():
         for i in range(3):
-            x = x + (sigmas[i + 1] - sigmas[i]) * predict_velocity(pipe.transformer, x, sigmas[i].expand(1), [emb])
+            v = ERNIE_IMAGE.predict_velocity(pipe.transformer, x, sigmas[i].expand(1), [emb])
+            x = x + (sigmas[i + 1] - sigmas[i]) * v
     torch.testing.assert_close(x, expected, rtol=1e-4, atol=1e-5)
 
 
@@ -67,11 +70,10 @@ def test_distill_with_two_teachers_resumes_exactly_and_the_student_generates(tmp
     from ernie_lora.generate import LoraSpec, generate
     from ernie_lora.lora.adapters import add_lora, lora_state_dict, peft_config_metadata, resolve_targets
     from ernie_lora.lora.files import save_lora
-    from ernie_lora.models import load_transformer
 
     # a "layout" LoRA owns the noisy half of the sigmas, the base the rest
     torch.manual_seed(5)
-    model = load_transformer("tiny", dtype="fp32")
+    model = ERNIE_IMAGE.load_transformer("tiny", dtype="fp32")
     config = add_lora(model, 4, 4.0, resolve_targets(model, "attn"))
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -106,6 +108,7 @@ def test_the_shipped_micro_config_runs_its_proof_end_to_end(tmp_path, capsys):
                               "--set", "proof.eval_prompts=3", "--set", "proof.steps=[2]",
                               "--set", f"data.cache_dir={tmp_path / 'cache'}"], capsys)
     assert code == 0, err
+    assert (tmp_path / "run" / "run" / "lora.safetensors").exists()
     report = (tmp_path / "run" / "report.md").read_text()
     for row in ("| teacher | 24 |", "| student 2 steps | 2 | 1 |", "| base 2 steps | 2 | 3 |",
                 "| base 2 steps, CFG 1 | 2 | 1 |"):

@@ -46,8 +46,8 @@ def test_two_processes_equal_one_with_the_same_global_batch_and_resume(poster_da
     # all-reduce sums in another order than one process does; Adam amplifies that on near-zero gradients
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
-    for (s1, l1, _), (s2, l2, _) in zip(_loss_rows(tmp_path / "one" / "loss.csv"),
-                                        _loss_rows(tmp_path / "two" / "loss.csv"), strict=True):
+    for (s1, l1, *_), (s2, l2, *_) in zip(_loss_rows(tmp_path / "one" / "metrics.csv"),
+                                        _loss_rows(tmp_path / "two" / "metrics.csv"), strict=True):
         assert s1 == s2 and abs(l1 - l2) < 1e-5
 
     # checkpoints and resume under two processes: 2 steps, then resume to 4
@@ -87,14 +87,14 @@ def test_fsdp_holds_half_the_frozen_weights_per_process(tmp_path):
     script.write_text(
         "import torch, torch.distributed as dist\n"
         "from ernie_lora.lora.adapters import add_lora, resolve_targets\n"
-        "from ernie_lora.models import load_transformer\n"
-        "from ernie_lora.recipes.lora import shard_frozen_base\n"
+        "from ernie_lora.models import ERNIE_IMAGE\n"
+        "from ernie_lora.recipes.engine import shard_frozen_base\n"
         "dist.init_process_group('gloo')\n"
-        "m = load_transformer('tiny', dtype='fp32')\n"
+        "m = ERNIE_IMAGE.load_transformer('tiny', dtype='fp32')\n"
         "whole = sum(p.numel() for p in m.layers.parameters())\n"
         "add_lora(m, 4, 8.0, resolve_targets(m, 'attn_mlp'))\n"
         "lora = [p for p in m.parameters() if p.requires_grad]\n"
-        "shard_frozen_base(m, lora, torch.device('cpu'), 2)\n"
+        "shard_frozen_base(m, ERNIE_IMAGE, lora, torch.device('cpu'), 2)\n"
         "held = sum(p.to_local().numel() for p in m.layers.parameters() if not p.requires_grad)\n"
         "print(f'rank {dist.get_rank()} holds {held} of {whole}')\n"
         "assert all(type(p) is torch.nn.Parameter for p in lora)\n"

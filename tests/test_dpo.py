@@ -35,10 +35,10 @@ def test_sdpo_scale_keeps_the_chosen_error_from_rising():
 
 def test_the_reference_of_a_fresh_lora_is_the_base():
     from ernie_lora.lora.adapters import add_lora, resolve_targets
-    from ernie_lora.models import load_transformer
+    from ernie_lora.models import ERNIE_IMAGE
 
     torch.manual_seed(0)
-    model = load_transformer("tiny", dtype="fp32")
+    model = ERNIE_IMAGE.load_transformer("tiny", dtype="fp32")
     add_lora(model, 4, 8.0, resolve_targets(model, "attn_mlp"))
     reference = ReferenceWeights(model)
     with torch.no_grad():
@@ -104,7 +104,7 @@ def test_dpo_trains_logs_and_resumes_exactly(poster_dataset, tmp_path):
     straight = run_dpo(_cfg(pairs, tmp_path), tmp_path / "straight", progress=False)
     assert straight.steps_done == 4 and straight.history[0]["dpo_loss"] == pytest.approx(math.log(2), abs=1e-6)
     header = (tmp_path / "straight" / "metrics.csv").read_text().splitlines()[0]
-    assert header == "step,loss,dpo_loss,accuracy,margin,chosen_vs_ref,rejected_vs_ref,rejected_scale,lr"
+    assert header == "step,loss,dpo_loss,accuracy,margin,chosen_vs_ref,rejected_vs_ref,rejected_scale,lr,grad_norm"
     assert (tmp_path / "straight" / "metrics.png").read_bytes()[:4] == b"\x89PNG"
     run_dpo(_cfg(pairs, tmp_path), tmp_path / "resumed", stop_after=2, progress=False)
     run_dpo(_cfg(pairs, tmp_path), tmp_path / "resumed", resume=True, progress=False)
@@ -153,4 +153,6 @@ def test_the_shipped_micro_config_runs_its_proof_end_to_end(tmp_path, capsys):
     report = (tmp_path / "run" / "report.md").read_text()
     for row in ("| base |", "| SFT on chosen |", "| DPO |"):
         assert row in report
-    assert (tmp_path / "run" / "comparison.png").exists() and (tmp_path / "run" / "pairs" / "pairs.jsonl").exists()
+    proof = tmp_path / "run"
+    assert (proof / "comparison.png").exists() and (proof / "pairs" / "pairs.jsonl").exists()
+    assert (proof / "run" / "lora.safetensors").exists() and (proof / "sft" / "run" / "lora.safetensors").exists()

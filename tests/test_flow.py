@@ -1,7 +1,8 @@
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from ernie_lora.flow import model_timesteps, noisy_latents, sample_sigmas, shift_sigmas, velocity_target
+from ernie_lora.flow import noisy_latents, sample_sigmas, shift_sigmas, velocity_target
+from ernie_lora.models import ERNIE_IMAGE
 
 
 def test_shift_and_timesteps_match_the_pipeline_scheduler():
@@ -10,7 +11,7 @@ def test_shift_and_timesteps_match_the_pipeline_scheduler():
     base = torch.linspace(1.0, 0.0, 9)[:-1]
     scheduler.set_timesteps(sigmas=base.numpy())
     torch.testing.assert_close(scheduler.sigmas[:-1], shift_sigmas(base, 3.0))
-    torch.testing.assert_close(scheduler.timesteps, model_timesteps(shift_sigmas(base, 3.0)))
+    torch.testing.assert_close(scheduler.timesteps, ERNIE_IMAGE.model_timesteps(shift_sigmas(base, 3.0)))
 
 
 def test_velocity_convention_matches_the_euler_step():

@@ -9,7 +9,7 @@ from conftest import run_cli
 from ernie_lora.generate import LoraSpec, generate, interference_warnings, parse_lora_spec
 from ernie_lora.lora.adapters import add_lora, lora_state_dict, peft_config_metadata
 from ernie_lora.lora.files import save_lora
-from ernie_lora.models import build_tiny_pipeline, load_pipeline
+from ernie_lora.models import ERNIE_IMAGE, build_tiny_pipeline
 
 SMALL = dict(width=32, height=32, steps=3, guidance=2.0, dtype="fp32")
 
@@ -103,7 +103,7 @@ def test_prompt_enhancer_flag_without_pe_weights(tmp_path, capsys, pe):
 
 
 def test_load_pipeline_partial_for_generation(tiny_folder):
-    pipe = load_pipeline(str(tiny_folder), dtype="fp32")
+    pipe = ERNIE_IMAGE.load_pipeline(str(tiny_folder), dtype="fp32")
     assert pipe.pe is None  # the 3B Prompt Enhancer is loaded only when asked for
 
 

@@ -142,12 +142,12 @@ def test_our_file_says_alpha_equals_rank_everywhere_and_keeps_the_trained_settin
 def test_resume_and_init_from_keep_the_trained_delta(trained_run, poster_dataset, tmp_path):
     """Folding is for exported files: a run started from our (folded) file starts at exactly its delta."""
     from ernie_lora.lora.adapters import adapter_modules
-    from ernie_lora.models import load_transformer
-    from ernie_lora.recipes.lora import add_training_lora
+    from ernie_lora.models import ERNIE_IMAGE
+    from ernie_lora.recipes.engine import add_training_lora
 
     path, trained = trained_run
     cfg = tiny_config(poster_dataset, tmp_path / "cache", lora={"rank": 4, "alpha": 2.0, "init_from": str(path)})
-    transformer = load_transformer("tiny", dtype="fp32")
+    transformer = ERNIE_IMAGE.load_transformer("tiny", dtype="fp32")
     config, _, _ = add_training_lora(transformer, cfg.lora)
     for name, module in adapter_modules(transformer, config).items():
         assert module.scale == 0.5

@@ -8,13 +8,13 @@ import torch
 
 from ernie_lora.data.synthetic import HELD_OUT, caption, pretraining_colours, sample_layout
 from ernie_lora.eval.layout import score_image
-from ernie_lora.models import load_pipeline, load_transformer
+from ernie_lora.models import ERNIE_IMAGE
 from ernie_lora.models.micro_arch import MICRO_DIR
 
 
 @pytest.fixture(scope="module")
 def micro():
-    pipe = load_pipeline("micro", dtype="fp32")
+    pipe = ERNIE_IMAGE.load_pipeline("micro", dtype="fp32")
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -42,7 +42,8 @@ def test_shipped_weights_are_small_safetensors_of_the_real_classes(micro):
     files = [p for p in MICRO_DIR.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) <= 30 * 2**20
     assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
-    assert load_transformer("micro", dtype="fp32").config.hidden_size == micro.transformer.config.hidden_size
+    loaded = ERNIE_IMAGE.load_transformer("micro", dtype="fp32")
+    assert loaded.config.hidden_size == micro.transformer.config.hidden_size
 
 
 def test_micro_follows_layouts_of_seen_concepts(micro):
@@ -56,7 +57,8 @@ def test_micro_does_not_know_the_held_out_colours(micro):
 def test_pretraining_is_reproducible_from_its_seed(tmp_path):
     from safetensors.torch import load_file
 
-    from ernie_lora.recipes.pretrain_micro import MicroPretrainConfig, pretrain_micro
+    from ernie_lora.config import MicroPretrainConfig
+    from ernie_lora.recipes.pretrain_micro import pretrain_micro
 
     cfg = MicroPretrainConfig(images=48, vae_steps=3, vae_batch=4, dit_steps=3, dit_batch=4, warmup_steps=1,
                               eval_count=2, eval_steps=2)

@@ -2,14 +2,7 @@ import pytest
 import torch
 
 from ernie_lora.errors import UserError
-from ernie_lora.models import (
-    build_tiny_pipeline,
-    decode_latents,
-    encode_images,
-    load_pipeline,
-    load_transformer,
-)
-from ernie_lora.models.loading import component_fingerprint, pixel_multiple
+from ernie_lora.models import ERNIE_IMAGE, build_tiny_pipeline
 
 
 def test_tiny_uses_the_real_classes_and_is_deterministic_by_seed():
@@ -38,7 +31,7 @@ def test_tiny_does_not_touch_the_global_rng():
 
 def test_local_folder_loads_through_from_pretrained_with_identical_pixels(tiny_folder):
     built = build_tiny_pipeline(0)
-    loaded = load_pipeline(str(tiny_folder), dtype="fp32")
+    loaded = ERNIE_IMAGE.load_pipeline(str(tiny_folder), dtype="fp32")
     kwargs = dict(height=32, width=32, num_inference_steps=3, output_type="np")
     a = built("a poster", generator=torch.Generator().manual_seed(0), **kwargs).images
     b = loaded("a poster", generator=torch.Generator().manual_seed(0), **kwargs).images
@@ -46,27 +39,27 @@ def test_local_folder_loads_through_from_pretrained_with_identical_pixels(tiny_f
 
 
 def test_partial_pipeline_and_transformer_only(tiny_folder):
-    vae_only = load_pipeline(str(tiny_folder), dtype="fp32", components=("vae",))
+    vae_only = ERNIE_IMAGE.load_pipeline(str(tiny_folder), dtype="fp32", components=("vae",))
     assert vae_only.vae is not None and vae_only.transformer is None and vae_only.text_encoder is None
-    transformer = load_transformer(str(tiny_folder), dtype="bf16")
+    transformer = ERNIE_IMAGE.load_transformer(str(tiny_folder), dtype="bf16")
     assert transformer.dtype == torch.bfloat16
 
 
 def test_missing_hub_weights_say_how_to_fetch_them(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match=r"hf download baidu/ERNIE-Image --local-dir DIR"):
-        load_pipeline("baidu/ERNIE-Image")
+        ERNIE_IMAGE.load_pipeline("baidu/ERNIE-Image")
     with pytest.raises(UserError, match=r"hf download baidu/ERNIE-Image-Turbo"):
-        load_transformer("baidu/ERNIE-Image-Turbo")
+        ERNIE_IMAGE.load_transformer("baidu/ERNIE-Image-Turbo")
 
 
 def test_bad_model_names():
     with pytest.raises(UserError, match="not a local folder"):
-        load_pipeline("no-such-model")
+        ERNIE_IMAGE.load_pipeline("no-such-model")
     with pytest.raises(UserError, match="not a local folder"):
-        load_transformer("no-such-model")
+        ERNIE_IMAGE.load_transformer("no-such-model")
     with pytest.raises(UserError, match="integer seed"):
-        load_pipeline("tiny:abc")
+        ERNIE_IMAGE.load_pipeline("tiny:abc")
 
 
 def test_latents_decode_exactly_as_the_pipeline_does():
@@ -75,17 +68,17 @@ def test_latents_decode_exactly_as_the_pipeline_does():
     latents = pipe("a poster", output_type="latent", **gen).images
     gen["generator"] = torch.Generator().manual_seed(0)
     expected = pipe("a poster", output_type="pt", **gen).images  # pipeline's own decode, in [0, 1]
-    ours = (decode_latents(pipe.vae, latents) / 2 + 0.5).clamp(0, 1)
+    ours = (ERNIE_IMAGE.decode_latents(pipe.vae, latents) / 2 + 0.5).clamp(0, 1)
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
     # encoding patchifies and normalises to the transformer's channel count
-    encoded = encode_images(pipe.vae, torch.zeros(1, 3, 32, 32))
+    encoded = ERNIE_IMAGE.encode_images(pipe.vae, torch.zeros(1, 3, 32, 32))
     assert encoded.shape == (1, pipe.transformer.config.in_channels, 8, 8)
 
 
 def test_pixel_multiple_and_fingerprints(tiny_folder):
-    assert pixel_multiple("tiny") == 4
-    assert pixel_multiple(str(tiny_folder)) == 4
-    a = component_fingerprint(str(tiny_folder), "vae")
-    assert a == component_fingerprint(str(tiny_folder), "vae")
-    assert a != component_fingerprint(str(tiny_folder), "text_encoder")
-    assert component_fingerprint("tiny", "vae") != component_fingerprint("tiny:1", "vae")
+    assert ERNIE_IMAGE.pixel_multiple("tiny") == 4
+    assert ERNIE_IMAGE.pixel_multiple(str(tiny_folder)) == 4
+    a = ERNIE_IMAGE.fingerprint(str(tiny_folder), "vae")
+    assert a == ERNIE_IMAGE.fingerprint(str(tiny_folder), "vae")
+    assert a != ERNIE_IMAGE.fingerprint(str(tiny_folder), "text_encoder")
+    assert ERNIE_IMAGE.fingerprint("tiny", "vae") != ERNIE_IMAGE.fingerprint("tiny:1", "vae")

@@ -233,9 +233,11 @@ def test_training_draws_categories_by_weight(poster_dataset, tmp_path):
     from pathlib import Path
 
     from conftest import tiny_config
+    from ernie_lora.data.batches import BucketBatches
     from ernie_lora.data.buckets import Bucket
     from ernie_lora.data.cache import CachedSample
-    from ernie_lora.recipes.lora import BucketBatches, _sampling_weights, train
+    from ernie_lora.data.sampling import sampling_weights
+    from ernie_lora.recipes.lora import train
 
     images = sorted(poster_dataset.glob("*.png"))
     meta = [json.loads(line) for line in (poster_dataset / "metadata.jsonl").read_text().splitlines()]
@@ -249,7 +251,7 @@ def test_training_draws_categories_by_weight(poster_dataset, tmp_path):
                                                                              "aesthetic": str(labels)}})
     bucket = Bucket(32, 32)
     samples = [CachedSample(Path("x"), [Path("t")], bucket, "", img) for img in images]
-    weights = _sampling_weights(cfg, samples)
+    weights = sampling_weights("category", poster_dataset, images, str(labels), 1.0, None)
     good = {poster_dataset / r["file_name"] for r in meta[:2]}
     assert sum(w for w, s in zip(weights, samples, strict=True) if s.image in good) == pytest.approx(18 / 22)
     batches = BucketBatches(samples, 1, seed=0, weights=weights)

@@ -13,10 +13,10 @@ from PIL import Image
 from conftest import REPO, tiny_config
 from ernie_lora.config import load_train_config
 from ernie_lora.data.cache import load_embedding, load_latent
-from ernie_lora.flow import noisy_latents, predict_velocity, velocity_target
+from ernie_lora.flow import noisy_latents, velocity_target
 from ernie_lora.lora.adapters import set_lora_state
 from ernie_lora.lora.files import read_lora
-from ernie_lora.models import build_tiny_pipeline
+from ernie_lora.models import ERNIE_IMAGE, build_tiny_pipeline
 from ernie_lora.recipes.lora import train
 
 
@@ -32,11 +32,11 @@ def test_run_writes_lora_plots_samples_and_keeps_last_checkpoints(poster_dataset
     result = train(cfg, tmp_path / "run", progress=False)
     run = tmp_path / "run"
     assert result.steps_done == 6
-    assert Image.open(run / "loss.png").format == "PNG"
+    assert Image.open(run / "metrics.png").format == "PNG"
     assert [p.name for p in sorted((run / "samples").glob("*.png"))] == ["step-000003.png", "step-000006.png"]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000004", "step-000006"]
-    rows = (run / "loss.csv").read_text().splitlines()
-    assert rows[0] == "step,loss,lr" and len(rows) == 7
+    rows = (run / "metrics.csv").read_text().splitlines()
+    assert rows[0] == "step,loss,lr,grad_norm" and len(rows) == 7
     tensors, meta = read_lora(run / "lora.safetensors")
     assert all(k.startswith("transformer.") and (".lora_A." in k or ".lora_B." in k) for k in tensors)
     assert any("mlp.gate_proj" in k for k in tensors) and any("to_out.0" in k for k in tensors)
@@ -58,7 +58,7 @@ def test_resume_is_bit_exact(poster_dataset, tmp_path, extra):
     assert not (tmp_path / "resumed" / "lora.safetensors").exists()
     train(cfg, tmp_path / "resumed", resume=True, progress=False)
     assert _same_lora(tmp_path / "straight" / "lora.safetensors", tmp_path / "resumed" / "lora.safetensors")
-    assert (tmp_path / "straight" / "loss.csv").read_text() == (tmp_path / "resumed" / "loss.csv").read_text()
+    assert (tmp_path / "straight" / "metrics.csv").read_text() == (tmp_path / "resumed" / "metrics.csv").read_text()
 
 
 def test_killed_process_resumes_to_identical_weights(poster_dataset, tmp_path):
@@ -104,7 +104,7 @@ def _flow_loss(transformer, cached, seed=0, draws=8) -> float:
                 text = load_embedding(s.text_file)
                 noise = torch.randn(x0.shape, generator=g)
                 sigma = torch.rand(1, generator=g) * 0.8 + 0.1
-                pred = predict_velocity(transformer, noisy_latents(x0, noise, sigma), sigma, [text])
+                pred = ERNIE_IMAGE.predict_velocity(transformer, noisy_latents(x0, noise, sigma), sigma, [text])
                 total += torch.nn.functional.mse_loss(pred, velocity_target(x0, noise)).item()
     return total / (draws * len(cached.samples))
 
@@ -149,7 +149,7 @@ def test_shipped_tiny_config_trains_from_the_repo(tmp_path):
     cfg = load_train_config(REPO / "configs" / "tiny-lora.yaml", [f"data.cache_dir={tmp_path / 'cache'}"])
     result = train(cfg, tmp_path / "run", progress=False)
     assert result.steps_done == cfg.train.steps
-    assert (tmp_path / "run" / "lora.safetensors").exists() and (tmp_path / "run" / "loss.png").exists()
+    assert (tmp_path / "run" / "lora.safetensors").exists() and (tmp_path / "run" / "metrics.png").exists()
     assert len(list((tmp_path / "run" / "samples").glob("*.png"))) == 2
 
 

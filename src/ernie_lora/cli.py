@@ -35,12 +35,16 @@ def _quiet_libraries() -> None:
     tlog.set_verbosity_error()
 
 
+FORCE_HELP = "with --resume: continue even though the config differs from the run's (or its config.yaml is gone)"
+
+
 @app.command()
 def train(
     config: Path = typer.Argument(..., help="training YAML (see configs/)"),
     output: Path | None = typer.Option(None, "--output", "-o", help="run folder (default: runs/<config name>)"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --output from its last checkpoint"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace the run already in --output"),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     set_: list[str] = typer.Option([], "--set", help="override a config key: --set train.lr=5e-5"),
 ) -> None:
     """Train a LoRA from a YAML config."""
@@ -50,10 +54,10 @@ def train(
     cfg = load_train_config(config, set_)
     output = output or Path("runs") / config.stem
     _quiet_libraries()
-    result = run_train(cfg, output, resume=resume, overwrite=overwrite)
+    result = run_train(cfg, output, resume=resume, overwrite=overwrite, force=force)
     loss = "n/a" if result.final_loss is None else f"{result.final_loss:.4f}"
     typer.echo(f"done: {result.steps_done} steps, final loss {loss}")
-    typer.echo(f"LoRA: {result.output / 'lora.safetensors'}  loss plot: {result.output / 'loss.png'}")
+    typer.echo(f"LoRA: {result.output / 'lora.safetensors'}  metrics: {result.output / 'metrics.png'}")
 
 
 @app.command()
@@ -62,15 +66,27 @@ def dpo(
     output: Path | None = typer.Option(None, "--output", "-o", help="run folder (default: runs/<config name>)"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --output from its last checkpoint"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace the run already in --output"),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     set_: list[str] = typer.Option([], "--set", help="override a config key: --set dpo.beta=1000"),
 ) -> None:
-    """Align a LoRA with preference pairs (Diffusion-DPO on the flow-matching target)."""
+    """Align a LoRA with preference pairs (Diffusion-DPO on the flow-matching target).
+
+    With a proof: section the pairs are made from the model's own samples and the result is scored
+    (the folder then holds pairs/, run/, sft/, eval/, report.md)."""
     from .config import load_dpo_config
-    from .recipes.dpo import run_dpo
 
     cfg = load_dpo_config(config, set_)
+    output = output or Path("runs") / config.stem
     _quiet_libraries()
-    result = run_dpo(cfg, output or Path("runs") / config.stem, resume=resume, overwrite=overwrite)
+    if cfg.proof is not None:
+        from .proofs import dpo_proof
+
+        dpo_proof(cfg, output, resume=resume, overwrite=overwrite, force=force)
+        typer.echo(f"LoRA: {output / 'run' / 'lora.safetensors'}  report: {output / 'report.md'}")
+        return
+    from .recipes.dpo import run_dpo
+
+    result = run_dpo(cfg, output, resume=resume, overwrite=overwrite, force=force)
     last = result.history[-1] if result.history else {}
     typer.echo(f"done: {result.steps_done} steps, loss {last.get('loss', float('nan')):.4f}, implicit accuracy "
                f"{last.get('accuracy', float('nan')):.2f}")
@@ -83,17 +99,28 @@ def distill(
     output: Path | None = typer.Option(None, "--output", "-o", help="run folder (default: runs/<config name>)"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --output from its last checkpoint"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace the run already in --output"),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     set_: list[str] = typer.Option([], "--set", help="override a config key: --set distill.student_steps=4"),
 ) -> None:
-    """Distil a few-step Turbo LoRA (DMD2, teachers by timestep range)."""
+    """Distil a few-step Turbo LoRA (DMD2-style, teachers by timestep range).
+
+    With a proof: section the student, the teacher and the base are then scored (report.md)."""
     from .config import load_distill_config
-    from .recipes.distill import run_distill
 
     cfg = load_distill_config(config, set_)
+    output = output or Path("runs") / config.stem
     _quiet_libraries()
-    result = run_distill(cfg, output or Path("runs") / config.stem, resume=resume, overwrite=overwrite)
-    typer.echo(f"done: {result.steps_done} steps; student LoRA {result.output / 'lora.safetensors'} "
-               f"(sample with --steps {cfg.distill.student_steps} --guidance 1); "
+    hint = f"sample with --steps {cfg.distill.student_steps} --guidance 1"
+    if cfg.proof is not None:
+        from .proofs import distill_proof
+
+        distill_proof(cfg, output, resume=resume, overwrite=overwrite, force=force)
+        typer.echo(f"student LoRA {output / 'run' / 'lora.safetensors'} ({hint}); report {output / 'report.md'}")
+        return
+    from .recipes.distill import run_distill
+
+    result = run_distill(cfg, output, resume=resume, overwrite=overwrite, force=force)
+    typer.echo(f"done: {result.steps_done} steps; student LoRA {result.output / 'lora.safetensors'} ({hint}); "
                f"metrics {result.output / 'metrics.png'}")
 
 
@@ -423,7 +450,7 @@ def lora_fuse(
     """Save the base transformer with the LoRA (any layout and kind) merged into its weights."""
     from .lora.formats import read_modules
     from .lora.tools import fuse_into
-    from .models import load_transformer
+    from .models import family_for
 
     target = out / "transformer"
     _refuse_existing(target, overwrite)
@@ -431,7 +458,7 @@ def lora_fuse(
     model = model or metadata.get("ernie_lora.base_model")
     if not model:
         raise UserError(f"{file}: no base model recorded in it; pass --model")
-    transformer = load_transformer(model, dtype=dtype)
+    transformer = family_for(model).load_transformer(model, dtype=dtype)
     fuse_into(transformer, modules, strength)
     transformer.save_pretrained(target, safe_serialization=True)
     typer.echo(f"fused {file} at strength {strength:g} into {target}")
@@ -444,8 +471,8 @@ def pretrain_micro_cmd(
     overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
     """Pretrain micro ERNIE (VAE, then DiT) on the synthetic layout world."""
-    from .config import load_yaml_model
-    from .recipes.pretrain_micro import MicroPretrainConfig, pretrain_micro
+    from .config import MicroPretrainConfig, load_yaml_model
+    from .recipes.pretrain_micro import pretrain_micro
 
     cfg = load_yaml_model(config, MicroPretrainConfig)
     _quiet_libraries()

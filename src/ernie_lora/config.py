@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -17,19 +17,31 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class ModelConfig(_Strict):
-    name: str = "baidu/ERNIE-Image"  # hub id, local diffusers folder, or "tiny"
+class BaseModelConfig(_Strict):
+    """The model every recipe loads."""
+
+    name: str = "baidu/ERNIE-Image"  # hub id, local diffusers folder, "micro" or "tiny"
     revision: str | None = None
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"  # the frozen base weights
     vae_dtype: Literal["bf16", "fp16", "fp32"] = "fp32"  # used only while caching latents
+
+
+class ModelConfig(BaseModelConfig):
+    """A base that may be quantised (LoRA and DPO recipes)."""
+
     # weight-only quantisation of the frozen DiT (torchao); the LoRA on top trains in fp32
     quantize: Literal["none", "int8", "float8"] = "none"
+
+
+class LoraModelConfig(ModelConfig):
+    """The LoRA recipe's model: quantised or partly kept in CPU memory."""
+
     # frozen weights of this many transformer blocks stay in CPU memory, copied in per block (see
     # models/block_swap.py): for GPUs smaller than the base; costs transfer time, not quality
     block_swap: int = Field(0, ge=0)
 
     @model_validator(mode="after")
-    def _swap_unquantized(self) -> ModelConfig:
+    def _swap_unquantized(self) -> LoraModelConfig:
         if self.block_swap and self.quantize != "none":
             raise ValueError("block_swap: works on an unquantised base only; set model.quantize: none")
         return self
@@ -87,6 +99,8 @@ class TimestepConfig(_Strict):
 
 
 class TrainConfig(_Strict):
+    """What every recipe's optimisation honours (recipes/engine.py runs it)."""
+
     steps: int = Field(3000, gt=0)
     batch_size: int = Field(1, gt=0)  # per process; the global batch is batch_size x processes
     grad_accum: int = Field(1, gt=0)
@@ -102,12 +116,34 @@ class TrainConfig(_Strict):
     gradient_checkpointing: bool = True
     # torch.compile of the repeated transformer block only (regional): compiles once, reused 36 times
     compile: bool = False
+    seed: int = 42
+    device: str | None = None  # default: cuda if available, else cpu
+
+
+class FlowTrainConfig(TrainConfig):
+    """Recipes trained on the flow-matching loss (LoRA, DPO) also choose where noise levels are drawn."""
+
+    timesteps: TimestepConfig = TimestepConfig()
+
+
+class LoraTrainConfig(FlowTrainConfig):
     # with several processes: shard the frozen base over them (FSDP2), each GPU holds 1/N of its
     # weights; the LoRA stays whole on every GPU and its gradients are averaged as without FSDP
     fsdp: bool = False
-    seed: int = 42
-    device: str | None = None  # default: cuda if available, else cpu
-    timesteps: TimestepConfig = TimestepConfig()
+
+
+class DpoTrainConfig(FlowTrainConfig):
+    steps: int = Field(500, gt=0)
+    lr: float = Field(1e-5, gt=0)
+
+
+class DistillTrainConfig(TrainConfig):
+    """DMD2's optimiser: no first moment, no weight decay (the student's gradient is a distribution match)."""
+
+    steps: int = Field(1000, gt=0)
+    lr: float = Field(1e-5, gt=0)
+    betas: tuple[float, float] = (0.0, 0.99)
+    weight_decay: float = Field(0.0, ge=0)
 
 
 class CheckpointConfig(_Strict):
@@ -134,10 +170,11 @@ class ProvenanceConfig(_Strict):
 
 
 class TrainRunConfig(_Strict):
-    model: ModelConfig = ModelConfig()
+    PATHS: ClassVar[tuple[str, ...]] = ("data.path", "data.cache_dir", "data.sampling.aesthetic", "lora.init_from")
+    model: LoraModelConfig = LoraModelConfig()
     data: DataConfig = DataConfig()
     lora: LoraConfig = LoraConfig()
-    train: TrainConfig = TrainConfig()
+    train: LoraTrainConfig = LoraTrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     sample: SampleConfig = SampleConfig()
     provenance: ProvenanceConfig = ProvenanceConfig()
@@ -187,10 +224,11 @@ class ProofConfig(_Strict):
 
 
 class DpoRunConfig(_Strict):
+    PATHS: ClassVar[tuple[str, ...]] = ("data.pairs", "data.cache_dir", "lora.init_from")
     model: ModelConfig = ModelConfig()
     data: PreferenceDataConfig = PreferenceDataConfig()
     lora: LoraConfig = LoraConfig()
-    train: TrainConfig = TrainConfig(steps=500, lr=1e-5)
+    train: DpoTrainConfig = DpoTrainConfig()
     dpo: DpoConfig = DpoConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     proof: ProofConfig | None = None
@@ -200,25 +238,7 @@ class DpoRunConfig(_Strict):
     def _one_source_of_pairs(self) -> DpoRunConfig:
         if self.data.pairs is None and self.proof is None:
             raise ValueError("data.pairs: give a pairs file, or a proof section that makes pairs")
-        if self.model.block_swap or self.train.fsdp:
-            raise ValueError("dpo: model.block_swap and train.fsdp are for the LoRA recipe only")
         return self
-
-
-def load_dpo_config(path: str | Path, overrides: list[str] | None = None) -> DpoRunConfig:
-    path = Path(path)
-    cfg = load_yaml_model(path, DpoRunConfig, overrides)
-    _resolve_paths(cfg, path.parent, (("data", "pairs"), ("data", "cache_dir"), ("lora", "init_from")))
-    return cfg
-
-
-def _resolve_paths(cfg: BaseModel, base: Path, keys: tuple[tuple[str, str], ...]) -> None:
-    """Relative paths in a config are relative to the config file; so is a local model folder."""
-    for section, attr in keys:
-        value = getattr(getattr(cfg, section), attr)
-        if value and not Path(value).is_absolute():
-            setattr(getattr(cfg, section), attr, str((base / value).resolve()))
-    _resolve_model_name(cfg.model, base)
 
 
 class TeacherConfig(_Strict):
@@ -263,12 +283,13 @@ class DistillProofConfig(_Strict):
 
 
 class DistillRunConfig(_Strict):
-    model: ModelConfig = ModelConfig()
+    PATHS: ClassVar[tuple[str, ...]] = ("data.prompts_file", "data.cache_dir", "lora.init_from")
+    model: BaseModelConfig = BaseModelConfig()
     data: DistillDataConfig = DistillDataConfig()
     lora: LoraConfig = LoraConfig()
     teachers: list[TeacherConfig] = [TeacherConfig()]
     distill: DistillConfig = DistillConfig()
-    train: TrainConfig = TrainConfig(steps=1000, lr=1e-5)
+    train: DistillTrainConfig = DistillTrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     proof: DistillProofConfig | None = None
     provenance: ProvenanceConfig = ProvenanceConfig()
@@ -283,19 +304,27 @@ class DistillRunConfig(_Strict):
             if not any(t.t_range[0] <= sigma <= t.t_range[1] for t in self.teachers):
                 raise ValueError(f"teachers: no t_range holds sigma {sigma:.2f}; together they must cover "
                                  f"distill.min_sigma..max_sigma ({lo:g}..{hi:g})")
-        if self.model.block_swap or self.train.fsdp or self.model.quantize != "none":
-            raise ValueError("distill: model.block_swap, model.quantize and train.fsdp are for the LoRA recipe")
         return self
 
 
-def load_distill_config(path: str | Path, overrides: list[str] | None = None) -> DistillRunConfig:
-    path = Path(path)
-    cfg = load_yaml_model(path, DistillRunConfig, overrides)
-    _resolve_paths(cfg, path.parent, (("data", "prompts_file"), ("data", "cache_dir"), ("lora", "init_from")))
-    for teacher in cfg.teachers:
-        if teacher.lora and not Path(teacher.lora).is_absolute():
-            teacher.lora = str((path.parent / teacher.lora).resolve())
-    return cfg
+class MicroPretrainConfig(_Strict):
+    """``ernie-lora pretrain-micro``: micro ERNIE's VAE, then its DiT, on the synthetic world."""
+
+    seed: int = 0
+    images: int = Field(12000, gt=0)
+    vae_steps: int = Field(1200, gt=0)
+    vae_batch: int = Field(32, gt=0)
+    vae_lr: float = Field(1e-3, gt=0)
+    kl_weight: float = Field(1e-3, ge=0)
+    dit_steps: int = Field(3000, gt=0)
+    dit_batch: int = Field(64, gt=0)
+    dit_lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(200, ge=0)
+    caption_dropout: float = Field(0.1, ge=0, le=1)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    eval_count: int = Field(48, gt=0)
+    eval_steps: int = Field(24, gt=0)
+    eval_guidance: float = Field(3.0, ge=1)
 
 
 def _format_error(source: str, exc: ValidationError) -> str:
@@ -350,31 +379,47 @@ def load_yaml_model(path: str | Path, model: type[_M], overrides: list[str] | No
         raise UserError(_format_error(f"config {path}", exc)) from None
 
 
-def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainRunConfig:
-    """Load and validate a training YAML. Relative data paths are resolved against the file's folder."""
-    path = Path(path)
-    cfg = load_yaml_model(path, TrainRunConfig, overrides)
-    base = path.parent
-    if not Path(cfg.data.path).is_absolute():
-        cfg.data.path = str((base / cfg.data.path).resolve())
-    for attr in ("cache_dir",):
-        value = getattr(cfg.data, attr)
-        if value and not Path(value).is_absolute():
-            setattr(cfg.data, attr, str((base / value).resolve()))
-    aesthetic = cfg.data.sampling.aesthetic
-    if aesthetic and not Path(aesthetic).is_absolute():
-        cfg.data.sampling.aesthetic = str((base / aesthetic).resolve())
-    if cfg.lora.init_from and not Path(cfg.lora.init_from).is_absolute():
-        cfg.lora.init_from = str((base / cfg.lora.init_from).resolve())
-    _resolve_model_name(cfg.model, base)
-    return cfg
+def _resolve(cfg: BaseModel, dotted: str, base: Path) -> None:
+    """A relative path at ``dotted`` (``data.path``) made relative to the config file's folder."""
+    *parents, attr = dotted.split(".")
+    node = cfg
+    for part in parents:
+        node = getattr(node, part)
+    value = getattr(node, attr)
+    if value and not Path(value).is_absolute():
+        setattr(node, attr, str((base / value).resolve()))
 
 
-def _resolve_model_name(model: ModelConfig, base: Path) -> None:
+def _resolve_model_name(model: BaseModelConfig, base: Path) -> None:
     """A model folder next to the config is named relative to it; hub ids and built-in names stay."""
     local_model = base / model.name
     if model.name.startswith((".", "/")) or (local_model.exists() and not Path(model.name).is_absolute()):
         model.name = str(local_model.resolve())
+
+
+def load_run_config(path: str | Path, model: type[_M], overrides: list[str] | None = None) -> _M:
+    """A recipe's YAML: validated, and its relative paths (``PATHS``, teachers' LoRAs, a local model
+    folder) resolved against the file's folder."""
+    path = Path(path)
+    cfg = load_yaml_model(path, model, overrides)
+    for dotted in model.PATHS:
+        _resolve(cfg, dotted, path.parent)
+    for teacher in getattr(cfg, "teachers", []):
+        _resolve(teacher, "lora", path.parent)
+    _resolve_model_name(cfg.model, path.parent)
+    return cfg
+
+
+def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainRunConfig:
+    return load_run_config(path, TrainRunConfig, overrides)
+
+
+def load_dpo_config(path: str | Path, overrides: list[str] | None = None) -> DpoRunConfig:
+    return load_run_config(path, DpoRunConfig, overrides)
+
+
+def load_distill_config(path: str | Path, overrides: list[str] | None = None) -> DistillRunConfig:
+    return load_run_config(path, DistillRunConfig, overrides)
 
 
 def dump_config(cfg: BaseModel) -> str:

@@ -113,7 +113,7 @@ def run_demo(output: Path, steps: int = 300, count: int = 50, eval_count: int = 
         "|---|---|---|",
         *[f"| {name} | {before_checks[name]:.2f} | {after_checks.get(name, 0.0):.2f} |" for name in before_checks],
         "",
-        "Files: `before_after.png` (top row before, bottom row after), `run/loss.png`, `run/samples/`, "
+        "Files: `before_after.png` (top row before, bottom row after), `run/metrics.png`, `run/samples/`, "
         "`run/lora.safetensors`, `before/` and `after/` (PNGs with their prompts in the metadata).",
         "",
         "Time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()),
@@ -122,6 +122,6 @@ def run_demo(output: Path, steps: int = 300, count: int = 50, eval_count: int = 
     atomic_write_text(output / "report.md", "\n".join(lines))
     print(f"after:  median layout fidelity {summary['after_median']:.3f}")
     print(f"layout fidelity before -> after: {summary['before_median']:.3f} -> {summary['after_median']:.3f} "
-          f"(median of {eval_count}); grid {grid}; loss plot {run / 'loss.png'}; report {output / 'report.md'}; "
-          f"{phases['total']:.0f} s")
+          f"(median of {eval_count}); grid {grid}; training curves {run / 'metrics.png'}; "
+          f"report {output / 'report.md'}; {phases['total']:.0f} s")
     return summary

@@ -1,4 +1,4 @@
-"""Flow matching as ERNIE-Image's pipeline and scheduler define it.
+"""Flow matching as ERNIE-Image's pipeline and scheduler define it (how the DiT is called: the family).
 
 The pipeline integrates ``x <- x + (sigma_next - sigma) * v`` from sigma = 1 (noise) to 0 (image)
 with ``FlowMatchEulerDiscreteScheduler`` and calls the transformer with ``timestep = sigma * 1000``
@@ -52,31 +52,3 @@ def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -
 
 def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise - x0
-
-
-def model_timesteps(sigmas: torch.Tensor, num_train_timesteps: int = 1000) -> torch.Tensor:
-    """What the transformer is called with: the scheduler's ``timesteps`` are ``sigma * 1000``."""
-    return sigmas * num_train_timesteps
-
-
-def predict_velocity(
-    transformer,
-    x_t: torch.Tensor,
-    sigmas: torch.Tensor,
-    text_embeddings: list[torch.Tensor],
-    num_train_timesteps: int = 1000,
-) -> torch.Tensor:
-    """Call the DiT as ``ErnieImagePipeline`` does: padded text with lengths, ``timestep = sigma * 1000``."""
-    from diffusers import ErnieImagePipeline
-
-    dtype = transformer.dtype
-    text_bth, text_lens = ErnieImagePipeline._pad_text(
-        text_embeddings, x_t.device, dtype, transformer.config.text_in_dim
-    )
-    return transformer(
-        hidden_states=x_t.to(dtype),
-        timestep=model_timesteps(sigmas, num_train_timesteps).to(dtype),
-        text_bth=text_bth,
-        text_lens=text_lens,
-        return_dict=False,
-    )[0]

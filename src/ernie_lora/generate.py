@@ -25,9 +25,8 @@ from .lora.formats import read_lora_file, to_diffusers_state_dict
 from .lora.layouts import LOADERS, loader_view, same_delta
 from .lora.modules import is_plain
 from .lora.tools import check_fits, fuse_into
-from .models.loading import BASE_MODEL, TURBO_MODEL, load_pipeline
+from .models import ERNIE_IMAGE_TURBO, family_for
 
-TURBO_STEPS, TURBO_GUIDANCE = 8, 1.0
 MAX_SIDE = 4096
 SUMMED_STRENGTH_WARNING = 1.5
 
@@ -139,9 +138,10 @@ def generate(
     """Generate one PNG per prompt (seed, seed+1, ...) with prompt, seed, model and LoRAs in its metadata."""
     if not prompts:
         raise UserError("no prompts given (pass them as arguments or with --prompts-file)")
-    model = model or (TURBO_MODEL if turbo else BASE_MODEL)
-    steps = steps or (TURBO_STEPS if turbo else 50)
-    guidance = guidance if guidance is not None else (TURBO_GUIDANCE if turbo else 4.0)
+    family = ERNIE_IMAGE_TURBO if turbo else family_for(model)  # Turbo: 8 steps at guidance 1 by default
+    model = model or family.hub_id
+    steps = steps or family.default_steps
+    guidance = guidance if guidance is not None else family.default_guidance
     if steps <= 0:
         raise UserError(f"--steps: {steps} must be > 0")
     loras = loras or []
@@ -149,7 +149,7 @@ def generate(
         read_lora_shapes(spec.path)  # fail on a bad file before loading an 8B model (header only)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if pipe is None:
-        pipe = load_pipeline(model, dtype=dtype, device=device, with_pe=use_pe)
+        pipe = family.load_pipeline(model, dtype=dtype, device=device, with_pe=use_pe)
     multiple = pipe.vae_scale_factor * pipe.transformer.config.patch_size
     native = int(pipe.vae.config.get("sample_size", 1024))  # 1024 for ERNIE-Image, 64 for micro
     width, height = width or native, height or native

@@ -23,10 +23,10 @@ import torch.nn.functional as F
 
 from .config import TrainRunConfig
 from .data.buckets import make_buckets
-from .flow import model_timesteps, noisy_latents, velocity_target
+from .flow import noisy_latents, velocity_target
 from .lora.adapters import add_lora, resolve_targets
+from .models import ERNIE_IMAGE, family_for, parse_dtype
 from .models.block_swap import BlockSwap
-from .models.loading import parse_dtype, pixel_multiple, transformer_config
 from .models.quantize import quantizable, quantize_base, quantized_weight_bytes
 
 GiB = 1024**3
@@ -97,11 +97,9 @@ def training_step(model, image_side: int, text_tokens: int, batch: int, autocast
     x0 = torch.randn(batch, cfg.in_channels, image_side, image_side, device=device)
     noise = torch.randn_like(x0)
     sigma = torch.rand(batch, device=device)
-    text = torch.randn(batch, text_tokens, cfg.text_in_dim, dtype=dtype, device=device)
+    texts = list(torch.randn(batch, text_tokens, cfg.text_in_dim, dtype=dtype, device=device))
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        pred = model(hidden_states=noisy_latents(x0, noise, sigma).to(dtype),
-                     timestep=model_timesteps(sigma).to(dtype), text_bth=text,
-                     text_lens=torch.full((batch,), text_tokens, device=device), return_dict=False)[0]
+        pred = ERNIE_IMAGE.predict_velocity(model, noisy_latents(x0, noise, sigma), sigma, texts)
     F.mse_loss(pred.float(), velocity_target(x0, noise).float()).backward()
 
 
@@ -290,7 +288,7 @@ def estimate(cfg: TrainRunConfig, settings: Settings, profiles: Profiles, dit_co
     dtype = parse_dtype(cfg.model.dtype)
     meta = build_dit(dit_config, dtype, device="meta")
     weights, params = _weight_bytes(meta, dtype, settings.quantize)
-    block_weights = sum(p.numel() for p in meta.layers[0].parameters()) * (torch.finfo(dtype).bits // 8)
+    block_weights = sum(p.numel() for p in ERNIE_IMAGE.blocks(meta)[0].parameters()) * (torch.finfo(dtype).bits // 8)
     swapped, shards = settings.block_swap, settings.fsdp_shards
     in_flight = min(2, swapped)  # a block's copy lives through its forward and its backward; two overlap
     blocks = dit_config["num_layers"]
@@ -360,8 +358,9 @@ def _cascade(base: Settings, multiple: int, layers: int):
 def plan_config(cfg: TrainRunConfig, vram_gib: float | None, text_tokens: int = 256,
                 gpus: int = 1) -> tuple[Plan, Plan | None]:
     """The config's plan per GPU, and (when a budget is given) the first settings in the cascade that fit it."""
-    dit_config = transformer_config(cfg.model.name, cfg.model.revision)
-    multiple = pixel_multiple(cfg.model.name, cfg.model.revision)
+    family = family_for(cfg.model.name)
+    dit_config = family.transformer_config(cfg.model.name, cfg.model.revision)
+    multiple = family.pixel_multiple(cfg.model.name, cfg.model.revision)
     profiles = Profiles(cfg, dit_config)
     base = Settings(cfg.model.quantize, cfg.train.gradient_checkpointing, cfg.train.optimizer,
                     cfg.train.batch_size, cfg.data.resolution, cfg.model.block_swap,

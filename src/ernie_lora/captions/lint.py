@@ -61,9 +61,9 @@ def lint_caption(text: str, image_has_text: bool | None, max_tokens: int | None,
 
 def load_tokenizer(model: str):
     """The model's own tokenizer (what the pipeline counts with), loaded alone."""
-    from ..models.loading import load_pipeline
+    from ..models import family_for
 
-    return load_pipeline(model, dtype="fp32", components=("tokenizer",)).tokenizer
+    return family_for(model).load_pipeline(model, dtype="fp32", components=("tokenizer",)).tokenizer
 
 
 def lint_folder(folder: str | Path, model: str | None = None, ocr: bool = True,

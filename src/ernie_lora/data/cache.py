@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,10 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..captions import restyle
 from ..io import atomic_write, sha256_text
-from ..models import encode_images, load_pipeline
-from ..models.loading import component_fingerprint
+from ..models import family_for
 from .buckets import Bucket, nearest_bucket, resize_and_crop
 from .dataset import Item, load_rgb
 
@@ -31,7 +30,7 @@ from .dataset import Item, load_rgb
 @dataclass
 class CachedSample:
     latent_file: Path
-    text_files: list[Path]  # one embedding per caption style, in the configured order
+    text_files: list[Path]  # one embedding per wording of the caption (caption styles), in order
     bucket: Bucket
     caption: str
     image: Path | None = None  # the source image (its category drives hierarchical sampling)
@@ -86,15 +85,17 @@ def build_caches(
     text_dtype: str = "bf16",
     device: str | torch.device = "cpu",
     revision: str | None = None,
-    styles: tuple[str, ...] | list[str] = ("natural",),
+    wordings: Callable[[str], list[str]] | None = None,
 ) -> CachedDataset:
     """Encode whatever is not cached yet; return where every sample's latent and embedding lies.
 
-    Each caption is embedded once per style in ``styles`` (``captions.restyle``).
+    ``wordings(caption)`` lists the texts to embed for a caption (e.g. the caption in each training
+    style); by default the caption itself.
     """
     cache_dir = Path(cache_dir)
-    vae_fp = component_fingerprint(model, "vae", revision)
-    te_fp = component_fingerprint(model, "text_encoder", revision)
+    family = family_for(model)
+    vae_fp = family.fingerprint(model, "vae", revision)
+    te_fp = family.fingerprint(model, "text_encoder", revision)
 
     planned = []
     for item in items:
@@ -102,23 +103,24 @@ def build_caches(
         lat = cache_dir / "latents" / f"{latent_key(item, vae_fp, bucket, crop)}.safetensors"
         planned.append((item, bucket, lat))
 
-    worded = {(item.caption, style): restyle(item.caption, style) for item in items for style in styles}
-    texts = sorted(set(worded.values()) | {""} | set(prompts or []))
+    wordings = wordings or (lambda caption: [caption])
+    worded = {item.caption: wordings(item.caption) for item in items}
+    texts = sorted({t for variants in worded.values() for t in variants} | {""} | set(prompts or []))
     text_files = {t: cache_dir / "text" / f"{text_key(t, te_fp)}.safetensors" for t in texts}
 
     todo = [(item, bucket, lat) for item, bucket, lat in planned if not lat.exists()]
     if todo:
-        pipe = load_pipeline(model, dtype=vae_dtype, device=device, components=("vae",), revision=revision)
+        pipe = family.load_pipeline(model, dtype=vae_dtype, device=device, components=("vae",), revision=revision)
         for item, bucket, lat in tqdm(todo, desc="caching latents", unit="img"):
             image = resize_and_crop(load_rgb(item.image), bucket, crop, random.Random(item.sha256))
-            latent = encode_images(pipe.vae, image_to_tensor(image))[0]
+            latent = family.encode_images(pipe.vae, image_to_tensor(image))[0]
             _save(lat, {"latent": latent})
         del pipe  # the VAE leaves memory before the text encoder arrives
         _release_memory()
 
     missing_texts = [t for t in texts if not text_files[t].exists()]
     if missing_texts:
-        pipe = load_pipeline(
+        pipe = family.load_pipeline(
             model, dtype=text_dtype, device=device, components=("text_encoder", "tokenizer"), revision=revision
         )
         for text in tqdm(missing_texts, desc="caching text embeddings", unit="caption"):
@@ -129,8 +131,7 @@ def build_caches(
         _release_memory()
 
     samples = [
-        CachedSample(lat, [text_files[worded[item.caption, style]] for style in styles], bucket, item.caption,
-                     item.image)
+        CachedSample(lat, [text_files[t] for t in worded[item.caption]], bucket, item.caption, item.image)
         for item, bucket, lat in planned
     ]
     return CachedDataset(

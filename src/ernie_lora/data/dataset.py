@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ..errors import UserError
+from ..io import sha256_text
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 METADATA_FILE = "metadata.jsonl"
@@ -233,3 +234,11 @@ def _caption_for(path: Path, rel: str, meta_captions: dict[str, str], report: Da
     if not caption:
         report.findings.append(Finding(rel, "warning", "empty caption (trains unconditionally)"))
     return caption
+
+
+def dataset_provenance(items: list[Item]) -> dict:
+    """What a LoRA file records of its dataset: a hash of the image bytes and captions (independent of the
+    model, bucket and cache), a hash of the captions alone, and the image count."""
+    return {"dataset_hash": sha256_text("|".join(sorted(f"{i.sha256}:{sha256_text(i.caption)}" for i in items))),
+            "captions_hash": sha256_text("\n".join(sorted(i.caption for i in items))),
+            "image_count": len(items)}

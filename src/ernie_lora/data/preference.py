@@ -1,4 +1,4 @@
-"""Preference pairs for DPO: read them (ours or Pick-a-Pic's columns), or make them in the synthetic world.
+"""Preference pairs for DPO: read them (ours or Pick-a-Pic's columns).
 
 Our format is what ``ernie-lora rank scores`` writes, one JSON object per line::
 
@@ -6,23 +6,20 @@ Our format is what ``ernie-lora rank scores`` writes, one JSON object per line::
 
 Pick-a-Pic's columns are read too: ``caption``, ``jpg_0``, ``jpg_1``, ``label_0`` (1: the first is
 preferred, 0: the second; 0.5, a tie, is skipped). Relative image paths are relative to the file.
-
-``write_synthetic_pairs`` samples a model several times per prompt of the synthetic world and pairs
-the best sample by layout fidelity (``eval.layout``) with each clearly worse one.
 """
 
 from __future__ import annotations
 
 import json
-import random
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
 from ..errors import UserError
-from ..io import atomic_write_text, sha256_file
+from ..io import sha256_file
+from .buckets import Bucket
+from .cache import CachedSample
 from .dataset import Item
 
 
@@ -86,48 +83,24 @@ def pair_items(pairs: list[PreferencePair]) -> tuple[list[Item], list[Item]]:
 
 
 @dataclass
-class SyntheticPairsReport:
-    pairs: int
-    prompts: int
-    chosen_mean: float
-    rejected_mean: float
+class PairSample:
+    """A pair's two cached images (one bucket: DPO compares them under the same noise)."""
+
+    chosen: CachedSample
+    rejected: CachedSample
+
+    @property
+    def bucket(self) -> Bucket:  # what BucketBatches groups by
+        return self.chosen.bucket
 
 
-def write_synthetic_pairs(folder: str | Path, *, model: str, kind: str, prompts: int, candidates: int,
-                          min_margin: float, seed: int, sampling: dict) -> SyntheticPairsReport:
-    """Sample ``candidates`` images per prompt; pair the best (by layout fidelity) with every sample at
-    least ``min_margin`` worse. Writes the images and ``pairs.jsonl`` into ``folder``."""
-    from ..data.synthetic import caption, pretraining_colours, sample_layout
-    from ..eval.layout import score_image
-    from ..generate import generate
-    from ..models.loading import load_pipeline
-
-    folder = Path(folder)
-    if (folder / "pairs.jsonl").exists():
-        raise UserError(f"{folder}: already holds pairs.jsonl; choose another folder")
-    rng = random.Random(seed)
-    texts = [caption(sample_layout(rng, kind, pretraining_colours())) for _ in range(prompts)]
-    pipe = load_pipeline(model, dtype=sampling.get("dtype", "fp32"), device="cpu")
-    pipe.set_progress_bar_config(disable=True)
-    rows, chosen_scores, rejected_scores = [], [], []
-    for i, text in enumerate(texts):
-        paths = generate([text] * candidates, model=model, pipe=pipe, out_dir=folder / f"{i:04d}",
-                         seed=seed * 100_000 + i * candidates, **sampling)
-        scored = []
-        for path in paths:
-            with Image.open(path) as im:
-                result = score_image(im.convert("RGB"), text)
-            scored.append((result.score if result else 0.0, path))
-        scored.sort(key=lambda s: s[0])
-        high, best = scored[-1]
-        for low, worse in scored[:-1]:  # the best against every sample clearly worse than it
-            if high - low >= min_margin:
-                rows.append({"prompt": text, "chosen": str(best.relative_to(folder)),
-                             "rejected": str(worse.relative_to(folder)), "chosen_score": round(high, 4),
-                             "rejected_score": round(low, 4)})
-                chosen_scores.append(high)
-                rejected_scores.append(low)
-    if not rows:
-        raise UserError(f"no prompt gave samples {min_margin} apart in layout fidelity; lower min_margin")
-    atomic_write_text(folder / "pairs.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    return SyntheticPairsReport(len(rows), prompts, statistics.mean(chosen_scores), statistics.mean(rejected_scores))
+def pair_samples(path: Path, pairs: list[PreferencePair], cached: list[CachedSample]) -> list[PairSample]:
+    """Cached samples of ``pair_items``' chosen then rejected images, zipped back into pairs."""
+    samples = []
+    for i, pair in enumerate(pairs):
+        chosen, rejected = cached[i], cached[len(pairs) + i]
+        if chosen.bucket != rejected.bucket:
+            raise UserError(f"{path}: pair {i + 1} ({pair.chosen.name}, {pair.rejected.name}) falls in two "
+                            "aspect buckets; DPO needs both images in one shape (crop or resize them alike)")
+        samples.append(PairSample(chosen, rejected))
+    return samples

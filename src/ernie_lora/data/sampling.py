@@ -12,11 +12,12 @@ crowd out a small excellent one.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from .categories import ImageEntry
+from .categories import ImageEntry, list_images
 
 
 @dataclass
@@ -66,10 +67,36 @@ def sample_weights(entries: list[ImageEntry], aesthetic: dict[str, float] | None
     return [by_name[category_of(e, depth)].per_image for e in entries]
 
 
-def aesthetic_levels(path: str | Path) -> dict[str, float]:
-    from ..rank.export import read_aesthetic_labels
+def sampling_weights(by: str, root: Path, images: list[Path], aesthetic: str | None, temperature: float,
+                     depth: int | None) -> list[float] | None:
+    """Per-image draw probabilities for a dataset's images (None: uniform), as ``data.sampling`` asks."""
+    if by == "uniform":
+        return None
+    entries = {e.path: e for e in list_images(root, outside_links=True)}
+    ordered = [entries[image.relative_to(root).as_posix()] for image in images]
+    return sample_weights(ordered, aesthetic_levels(aesthetic) if aesthetic else None, temperature, depth)
 
+
+def aesthetic_levels(path: str | Path) -> dict[str, float]:
     return {name: float(row.get("level", row["score"])) for name, row in read_aesthetic_labels(path).items()}
+
+
+def read_aesthetic_labels(path: str | Path) -> dict[str, dict]:
+    """``aesthetic.jsonl`` as {file_name: row}; a bad line is an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such aesthetic label file (write one with `ernie-lora rank scores DB`)")
+    rows = {}
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            rows[str(row["file_name"])] = row
+            float(row["score"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"{path}:{lineno}: expected {{\"file_name\", \"score\", ...}} ({exc})") from None
+    return rows
 
 
 def format_stats(stats: list[CategoryStats]) -> str:

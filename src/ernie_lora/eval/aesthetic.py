@@ -266,7 +266,7 @@ def _truth(root: Path, labels: str | Path | None, key: str) -> dict[str, float]:
     ``metadata.jsonl`` (e.g. the hidden ``quality`` of a simulated dataset)."""
     from ..data.categories import metadata_rows
     from ..data.dataset import METADATA_FILE
-    from ..rank.export import read_aesthetic_labels
+    from ..data.sampling import read_aesthetic_labels
 
     if labels is not None:
         source, rows = Path(labels), read_aesthetic_labels(labels)

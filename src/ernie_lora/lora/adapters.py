@@ -15,7 +15,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
 from ..errors import UserError
-from ..models.family import TARGET_PRESETS
+from ..models import ERNIE_IMAGE
 from .formats import adapter_config, read_lora_file, to_diffusers_state_dict, write_modules
 from .layouts import config_alpha
 from .modules import LoraModule, is_plain, kind
@@ -26,9 +26,9 @@ ADAPTER_NAME = "default"
 def resolve_targets(transformer: torch.nn.Module, targets: str | list[str]) -> list[str]:
     """A preset name or an explicit list -> module-name suffixes; every one must match a Linear layer."""
     if isinstance(targets, str):
-        if targets not in TARGET_PRESETS:
+        if targets not in ERNIE_IMAGE.target_presets:
             raise UserError(f"lora.targets: unknown preset {targets!r}; use attn, attn_mlp or a list of modules")
-        return list(TARGET_PRESETS[targets])
+        return list(ERNIE_IMAGE.target_presets[targets])
     linear_names = [n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)]
     for target in targets:
         if not any(n == target or n.endswith("." + target) for n in linear_names):

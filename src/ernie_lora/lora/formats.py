@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..models.family import flat_module_name
+from ..models import ERNIE_IMAGE
 from .files import adapter_metadata, read_lora, resolve_lora_path, save_lora
 from .layouts import OUR_FORMATS, build_modules, layout_name, parse_keys, peft_folder_config
 from .modules import LoraModule, Module, is_plain
@@ -86,7 +86,7 @@ def folded_state_dict(modules: dict[str, Module], fmt: str) -> dict[str, torch.T
         m = module.folded()
         down, up = _factor(m.down, m.conv).contiguous(), _factor(m.up, m.conv).contiguous()
         if fmt == "kohya":
-            stem = "lora_unet_" + flat_module_name(name)
+            stem = "lora_unet_" + ERNIE_IMAGE.flat_module_name(name)
             tensors[f"{stem}.lora_down.weight"] = down
             tensors[f"{stem}.lora_up.weight"] = up
             tensors[f"{stem}.alpha"] = torch.tensor(float(m.rank))

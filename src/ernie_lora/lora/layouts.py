@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..models.family import is_module_path, module_from_flat
+from ..models import ERNIE_IMAGE
 from .modules import Dora, FullModule, LohaModule, LokrModule, LoraModule, Module
 
 
@@ -102,7 +102,10 @@ def split_key(key: str) -> Key | None:
             if not body.endswith(suffix):
                 continue
             name = body[: -len(suffix)]
-            module = module_from_flat(name) if flat else (name if is_module_path(name) else None)
+            if flat:
+                module = ERNIE_IMAGE.module_from_flat(name)
+            else:
+                module = name if ERNIE_IMAGE.is_module_path(name) else None
             if module is not None:
                 return Key(prefix, module, suffix)
     return None

@@ -96,13 +96,13 @@ def lora_info(path: str | Path, model: str | None = None) -> LoraInfo:
                     dict(alphas), lora.alpha_source, path.stat().st_size, provenance(header),
                     loader_verdicts(path, modules, tensors, header))
     if model is not None:
-        from accelerate import init_empty_weights
+        from accelerate import init_empty_weights  # deferred: only a fit check needs them
         from diffusers import ErnieImageTransformer2DModel
 
-        from ..models.loading import load_component_config
+        from ..models import family_for
 
         with init_empty_weights():  # shapes only: an 8B model is checked without loading 15 GB
-            transformer = ErnieImageTransformer2DModel.from_config(load_component_config(model, "transformer"))
+            transformer = ErnieImageTransformer2DModel.from_config(family_for(model).transformer_config(model))
         problems = fit_problems(modules, transformer)
         info.fits = "yes" if not problems else f"no: {'; '.join(problems[:3])}"
     return info
@@ -128,9 +128,9 @@ def base_weights(model: str | None, names: list[str]) -> dict[str, torch.Tensor]
         return {}
     if model is None:
         raise UserError(f"{names[0]} uses DoRA, whose change depends on the base weights: pass --model")
-    from ..models import load_transformer
+    from ..models import family_for
 
-    transformer = load_transformer(model, dtype="fp32")
+    transformer = family_for(model).load_transformer(model, dtype="fp32")
     out = {}
     for name in names:
         layer = find_layer(transformer, name)

@@ -1,24 +1,10 @@
-"""Loading ERNIE-Image (hub id, local folder, tiny), and latent (de)normalisation."""
+"""The ERNIE-Image model family: loading (hub id, folder, micro, tiny), module names, numerics, sizes.
 
-from .latents import decode_latents, encode_images
-from .loading import (
-    BASE_MODEL,
-    TURBO_MODEL,
-    component_fingerprint,
-    load_pipeline,
-    load_transformer,
-    parse_dtype,
-)
+Ask the family (``family_for(name)`` or ``ERNIE_IMAGE``) for anything ERNIE-specific.
+"""
+
+from .family import ERNIE_IMAGE, ERNIE_IMAGE_TURBO, ErnieImageFamily, family_for
+from .loading import parse_dtype
 from .tiny import build_tiny_pipeline
 
-__all__ = [
-    "BASE_MODEL",
-    "TURBO_MODEL",
-    "build_tiny_pipeline",
-    "decode_latents",
-    "encode_images",
-    "load_pipeline",
-    "load_transformer",
-    "component_fingerprint",
-    "parse_dtype",
-]
+__all__ = ["ERNIE_IMAGE", "ERNIE_IMAGE_TURBO", "ErnieImageFamily", "build_tiny_pipeline", "family_for", "parse_dtype"]

@@ -1,4 +1,4 @@
-"""Load ERNIE-Image pipelines and components through diffusers' own classes.
+"""Load ERNIE-Image pipelines and components through diffusers' own classes (the family's loader).
 
 A model name is one of:
 - ``micro``: micro ERNIE, pretrained on the synthetic layout world, weights shipped in the package;
@@ -22,17 +22,9 @@ from diffusers import ErnieImagePipeline, ErnieImageTransformer2DModel
 from ..errors import UserError
 from .tiny import build_tiny_pipeline
 
-BASE_MODEL = "baidu/ERNIE-Image"
+BASE_MODEL = "baidu/ERNIE-Image"  # the hub ids; family.py holds them as the families' own
 TURBO_MODEL = "baidu/ERNIE-Image-Turbo"
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler", "pe", "pe_tokenizer")
-
-# transformer/config.json of baidu/ERNIE-Image (the Turbo model shares it): the planner and the GPU bench
-# build the full-size DiT from it (random or empty weights) without a download.
-ERNIE_IMAGE_TRANSFORMER_CONFIG = dict(
-    hidden_size=4096, num_attention_heads=32, num_layers=36, ffn_hidden_size=12288, in_channels=128,
-    out_channels=128, patch_size=1, text_in_dim=3072, rope_theta=256, rope_axes_dim=(32, 48, 48), eps=1e-6,
-    qk_layernorm=True,
-)
 
 DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
@@ -233,26 +225,3 @@ def load_component_config(name: str, component: str, revision: str | None = None
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise UserError(f"model {name}: cannot read {component}/{cfg_name} ({exc})") from None
-
-
-def transformer_config(name: str, revision: str | None = None) -> dict:
-    """The DiT's config: from the model's files, or the known 8B config for the hub ids without a download."""
-    try:
-        return load_component_config(name, "transformer", revision)
-    except UserError:
-        if name in (BASE_MODEL, TURBO_MODEL):
-            return dict(ERNIE_IMAGE_TRANSFORMER_CONFIG)
-        raise
-
-
-def pixel_multiple(name: str, revision: str | None = None) -> int:
-    """Image sides must be multiples of this: VAE downsampling x 2x2 patchify x DiT patch size (16 for ERNIE-Image)."""
-    try:
-        vae = load_component_config(name, "vae", revision)
-    except UserError:
-        if name not in (BASE_MODEL, TURBO_MODEL):
-            raise
-        vae = {}  # FLUX.2's VAE: four blocks, the default below
-    transformer = transformer_config(name, revision)
-    # the same formula as ErnieImagePipeline.vae_scale_factor (2 ** len(block_out_channels))
-    return 2 ** len(vae.get("block_out_channels", (128, 256, 512, 512))) * int(transformer.get("patch_size", 1))

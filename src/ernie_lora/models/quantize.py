@@ -11,15 +11,10 @@ from __future__ import annotations
 import torch
 
 from ..errors import UserError
+from .family import ERNIE_IMAGE
 
 QUANTIZE_CHOICES = ("none", "int8", "float8")
-# the patch embedding and the output projection are tiny and precision-sensitive: kept at the model dtype
-KEEP_FULL_PRECISION = ("x_embedder", "final_linear")
-
-
-def quantizable(module: torch.nn.Module, name: str) -> bool:
-    """torchao's filter: (module, fully qualified name)."""
-    return isinstance(module, torch.nn.Linear) and not any(part in name for part in KEEP_FULL_PRECISION)
+quantizable = ERNIE_IMAGE.quantizable  # torchao's filter (module, name): the family's linears, not its ends
 
 
 def quantize_base(transformer: torch.nn.Module, kind: str) -> None:

@@ -102,21 +102,3 @@ def export_scores(db: str | Path, out: str | Path, *, bootstrap: int = 200, over
         json.dumps({"file_name": p, "score": round(strength[p], 6), "level": level[p], "category": category[p]})
         + "\n" for p in items))
     return ScoreSummary(len(items), len(votes), from_votes, len(pairs) - from_votes, out)
-
-
-def read_aesthetic_labels(path: str | Path) -> dict[str, dict]:
-    """``aesthetic.jsonl`` as {file_name: row}; a bad line is an error naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such aesthetic label file (write one with `ernie-lora rank scores DB`)")
-    rows = {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            rows[str(row["file_name"])] = row
-            float(row["score"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise UserError(f"{path}:{lineno}: expected {{\"file_name\", \"score\", ...}} ({exc})") from None
-    return rows

@@ -26,39 +26,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import ErnieImagePipeline
 from diffusers.optimization import get_scheduler
 from PIL import Image
-from pydantic import Field
 from tqdm.auto import tqdm
 
-from ..config import _Strict
+from ..config import MicroPretrainConfig
 from ..data.synthetic import HELD_OUT, caption, pretraining_colours, render, sample_layout
 from ..errors import UserError
 from ..eval.layout import score_image
-from ..flow import noisy_latents, predict_velocity, sample_sigmas, velocity_target
+from ..flow import noisy_latents, sample_sigmas, velocity_target
 from ..io import atomic_write_json
-from ..models.latents import PIPELINE_BN_EPS, encode_images
+from ..models import ERNIE_IMAGE
+from ..models.family import PIPELINE_BN_EPS
 from ..models.micro_arch import build_untrained_micro
 from ..plots import save_image_grid, save_loss_plot
-
-
-class MicroPretrainConfig(_Strict):
-    seed: int = 0
-    images: int = Field(12000, gt=0)
-    vae_steps: int = Field(1200, gt=0)
-    vae_batch: int = Field(32, gt=0)
-    vae_lr: float = Field(1e-3, gt=0)
-    kl_weight: float = Field(1e-3, ge=0)
-    dit_steps: int = Field(3000, gt=0)
-    dit_batch: int = Field(64, gt=0)
-    dit_lr: float = Field(1e-3, gt=0)
-    warmup_steps: int = Field(200, ge=0)
-    caption_dropout: float = Field(0.1, ge=0, le=1)
-    ema_decay: float = Field(0.999, ge=0, lt=1)
-    eval_count: int = Field(48, gt=0)
-    eval_steps: int = Field(24, gt=0)
-    eval_guidance: float = Field(3.0, ge=1)
 
 
 def render_world(count: int, seed: int, random_colours: bool = False) -> tuple[torch.Tensor, list[str]]:
@@ -110,7 +91,7 @@ def set_latent_statistics(vae, pixels: torch.Tensor, chunk: int = 256) -> None:
     total, total_sq, n = 0.0, 0.0, 0
     for i in range(0, len(pixels), chunk):
         lat = vae.encode(to_unit(pixels[i : i + chunk])).latent_dist.mode()
-        lat = ErnieImagePipeline._patchify_latents(lat).double()
+        lat = ERNIE_IMAGE.patchify(lat).double()
         total = total + lat.sum(dim=(0, 2, 3))
         total_sq = total_sq + lat.pow(2).sum(dim=(0, 2, 3))
         n += lat.shape[0] * lat.shape[2] * lat.shape[3]
@@ -122,7 +103,8 @@ def set_latent_statistics(vae, pixels: torch.Tensor, chunk: int = 256) -> None:
 
 @torch.no_grad()
 def encode_world(pipe, pixels: torch.Tensor, captions: list[str], chunk: int = 256):
-    latents = torch.cat([encode_images(pipe.vae, to_unit(pixels[i : i + chunk])) for i in range(0, len(pixels), chunk)])
+    latents = torch.cat([ERNIE_IMAGE.encode_images(pipe.vae, to_unit(pixels[i : i + chunk]))
+                         for i in range(0, len(pixels), chunk)])
     unique = sorted(set(captions)) + [""]
     table = {text: pipe.encode_prompt(text, device="cpu")[0] for text in unique}
     return latents, [table[c] for c in captions], table[""]
@@ -144,7 +126,7 @@ def train_dit(transformer, latents, embeds, empty, cfg: MicroPretrainConfig, g: 
         texts = [empty if d else embeds[i] for i, d in zip(idx.tolist(), drop, strict=True)]
         noise = torch.randn(x0.shape, generator=g)
         sigmas = sample_sigmas(cfg.dit_batch, g, "logit_normal", shift)
-        pred = predict_velocity(transformer, noisy_latents(x0, noise, sigmas), sigmas, texts)
+        pred = ERNIE_IMAGE.predict_velocity(transformer, noisy_latents(x0, noise, sigmas), sigmas, texts)
         loss = F.mse_loss(pred, velocity_target(x0, noise))
         opt.zero_grad(set_to_none=True)
         loss.backward()

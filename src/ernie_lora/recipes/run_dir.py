@@ -1,25 +1,30 @@
-"""The run folder: refusing to overwrite a run by accident, atomic checkpoints, exact resume state."""
+"""The run folder: never overwrite a run by accident, resume only with the config it was made with,
+record which ernie-lora made it, write checkpoint folders atomically."""
 
 from __future__ import annotations
 
-import csv
-import io
+import json
 import os
 import re
 import shutil
-from dataclasses import dataclass
+import subprocess
+import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
 import yaml
+from pydantic import BaseModel, ValidationError
 
+from .. import __version__
+from ..config import dump_config
 from ..errors import UserError
+from ..io import atomic_write_json, atomic_write_text
 
-RUN_FILES = ("config.yaml", "lora.safetensors", "loss.csv", "loss.png", "metrics.csv", "metrics.png", "report.md",
-             "comparison.png")
+RUN_FILES = ("config.yaml", "run.json", "lora.safetensors", "loss.csv", "loss.png", "metrics.csv", "metrics.png",
+             "report.md", "comparison.png")
 RUN_DIRS = ("checkpoints", "samples", "pairs", "sft", "eval")
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
-# Sections that may differ when resuming: where and how often to save and sample, and how long to train.
+# What may differ when resuming: where and how often to save and sample, and how long to train.
 RESUMABLE_CHANGES = {"checkpoint", "sample", "provenance", "train.steps", "train.device"}
 
 
@@ -49,36 +54,74 @@ def prepare_run_dir(output: Path, resume: bool, overwrite: bool) -> None:
     output.mkdir(parents=True, exist_ok=True)
 
 
-def first_config_difference(old: dict, new: dict, prefix: str = "") -> str | None:
-    """The first key (dotted) whose value differs, skipping the ones a resume may change."""
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Every dotted key whose value differs (``key (old -> new)``), except those a resume may change."""
+    found = []
     for key in sorted(set(old) | set(new)):
         path = f"{prefix}{key}"
         if path in RESUMABLE_CHANGES:
             continue
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            found = first_config_difference(a, b, path + ".")
-            if found:
-                return found
+            found += config_differences(a, b, path + ".")
         elif a != b:
-            return f"{path} ({a!r} -> {b!r})"
-    return None
+            found.append(f"{path} ({a!r} -> {b!r})")
+    return found
 
 
-def check_resume_config(output: Path, new_config: dict, config_model: type | None = None) -> None:
+def check_resume_config(output: Path, cfg: BaseModel, force: bool = False) -> None:
+    """A resumed run trains with the config it began with: refuse any training-relevant change (and a run
+    whose config.yaml is gone) unless ``force``, listing every differing key in one line."""
     saved = output / "config.yaml"
     if not saved.exists():
-        return
-    old = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+        if force:
+            return
+        raise UserError(f"--resume: {saved} is missing, so nothing says how the run was trained; pass --force to "
+                        "resume it with this config anyway")
+    try:
+        old = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UserError(f"--resume: {saved} is not readable YAML ({exc})") from None
     try:  # keys added to the config since the run began take their defaults on both sides
-        from ..config import TrainRunConfig
-
-        old = (config_model or TrainRunConfig).model_validate(old).model_dump(mode="json")
-    except ValueError:
+        old = type(cfg).model_validate(old).model_dump(mode="json")
+    except ValidationError:
         pass  # a key since removed or renamed: the plain comparison below names it
-    diff = first_config_difference(old, new_config)
-    if diff:
-        raise UserError(f"--resume: config differs from the run in {output} at {diff}; resume with the same config")
+    differences = config_differences(old, cfg.model_dump(mode="json"))
+    if differences and not force:
+        raise UserError(f"--resume: the config differs from the run in {output} at {', '.join(differences)}; resume "
+                        "with the run's config, or pass --force to continue with the new one")
+
+
+def git_commit() -> str:
+    """The commit of the ernie-lora source tree this runs from, when it is a git checkout ('unknown' else)."""
+    source = Path(__file__).resolve().parents[3]
+    if not (source / ".git").exists():
+        return "unknown"
+    try:
+        out = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out + ("+local changes" if dirty else "")
+
+
+def record_run(output: Path, cfg: BaseModel, recipe: str, resumed: bool) -> None:
+    """``config.yaml`` and ``run.json`` (recipe, ernie-lora version, git commit, command, each start)."""
+    atomic_write_text(output / "config.yaml", dump_config(cfg))
+    record_file = output / "run.json"
+    record = {"recipe": recipe, "starts": []}
+    if resumed and record_file.exists():
+        try:
+            record = json.loads(record_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            pass  # rewritten below
+    record["starts"] = list(record.get("starts", [])) + [{
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "ernie_lora": __version__,
+        "git_commit": git_commit(), "command": sys.argv, "resumed": resumed}]
+    record["ernie_lora"], record["git_commit"] = __version__, record["starts"][-1]["git_commit"]
+    atomic_write_json(record_file, record)
 
 
 def checkpoint_dirs(output: Path) -> list[tuple[int, Path]]:
@@ -113,85 +156,3 @@ def save_checkpoint(output: Path, step: int, write, keep: int) -> Path:
     for _, old in checkpoint_dirs(output)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def rng_state(generator: torch.Generator) -> dict:
-    state = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict, generator: torch.Generator) -> None:
-    generator.set_state(state["generator"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def load_training_state(folder: Path) -> dict:
-    # our own file; weights_only keeps torch.load from unpickling arbitrary objects all the same
-    return torch.load(folder / "training_state.pt", map_location="cpu", weights_only=True)
-
-
-def write_metrics(output: Path, history: list[dict], fields: tuple[str, ...], plotted: tuple[str, ...],
-                  title: str) -> None:
-    """``metrics.csv`` (every field per step, atomically) and ``metrics.png`` (one panel per plotted field)."""
-    from ..io import atomic_write_text
-    from ..plots import save_metric_plots
-
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["step", *fields], lineterminator="\n")
-    writer.writeheader()
-    for row in history:
-        writer.writerow({k: (f"{v:.8g}" if isinstance(v, float) else v) for k, v in row.items()})
-    atomic_write_text(output / "metrics.csv", buf.getvalue())
-    save_metric_plots([r["step"] for r in history], {k: [r[k] for r in history] for k in plotted},
-                      output / "metrics.png", title)
-
-
-def read_metrics(path: Path, fields: tuple[str, ...]) -> list[dict]:
-    if not path.exists():
-        return []
-    return [{"step": int(r["step"]), **{k: float(r[k]) for k in fields}}
-            for r in csv.DictReader(io.StringIO(path.read_text(encoding="utf-8")))]
-
-
-def save_lora_checkpoint(output: Path, step: int, keep: int, transformer, peft_config, optimizer, lr_scheduler,
-                         batches, generator: torch.Generator) -> Path:
-    """A single-LoRA recipe's checkpoint: the LoRA, and everything an exact resume needs."""
-    from ..lora.adapters import lora_state_dict, peft_config_metadata
-    from ..lora.files import save_lora
-
-    def write(folder: Path) -> None:
-        save_lora(folder / "lora.safetensors", lora_state_dict(transformer), peft_config_metadata(peft_config))
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                    "data": batches.state_dict(), "rng": rng_state(generator)}, folder / "training_state.pt")
-    return save_checkpoint(output, step, write, keep)
-
-
-def load_lora_checkpoint(output: Path, transformer, optimizer, lr_scheduler, batches,
-                         generator: torch.Generator) -> int:
-    """Restore what ``save_lora_checkpoint`` wrote last into the live objects; returns its step."""
-    from ..lora.adapters import set_lora_state
-    from ..lora.files import read_lora
-
-    ckpt = latest_checkpoint(output)
-    lora_sd, _ = read_lora(ckpt / "lora.safetensors")
-    set_lora_state(transformer, lora_sd, str(ckpt / "lora.safetensors"))
-    state = load_training_state(ckpt)
-    optimizer.load_state_dict(state["optimizer"])
-    lr_scheduler.load_state_dict(state["lr_scheduler"])
-    batches.load_state_dict(state["data"])
-    restore_rng_state(state["rng"], generator)
-    return int(state["step"])
-
-
-@dataclass
-class RunResult:
-    """What a DPO or distillation run returns: its folder, steps done, metrics per step, proof table."""
-
-    output: Path
-    steps_done: int
-    history: list[dict]
-    report: dict | None = None
