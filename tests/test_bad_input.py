@@ -88,15 +88,35 @@ def test_resume_needs_a_checkpoint_and_the_same_config(poster_dataset, tmp_path,
     assert "no checkpoint to resume from" in line
     run_cli(["train", str(cfg), "-o", str(tmp_path / "run")], capsys)
     line = _one_line_error(*run_cli(["train", str(cfg), "-o", str(tmp_path / "run"), "--resume",
-                                     "--set", "lora.rank=8"], capsys)[::2])
-    assert "config differs from the run" in line and "lora.rank (4 -> 8)" in line
+                                     "--set", "lora.rank=8", "--set", "train.lr=0.002"], capsys)[::2])
+    assert "config differs from the run" in line and "pass --force" in line
+    assert "lora.rank (4 -> 8), train.lr (0.001 -> 0.002)" in line  # every differing key, in one line
+    # where and how often to save, and for how long, may change
+    code, _, err = run_cli(["train", str(cfg), "-o", str(tmp_path / "run"), "--resume", "--set",
+                            "checkpoint.every=3", "--set", "train.steps=7"], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["train", str(cfg), "-o", str(tmp_path / "run"), "--resume", "--force",
+                            "--set", "train.lr=0.002", "--set", "train.steps=8"], capsys)
+    assert code == 0, err
+    import json
+
+    starts = json.loads((tmp_path / "run" / "run.json").read_text())["starts"]
+    assert [s["resumed"] for s in starts] == [False, True, True]
+    assert all(s["ernie_lora"] and s["git_commit"] and s["command"] for s in starts)
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]["lr"] == 0.002
 
     # a run begun before a config key existed resumes: the missing key takes its default
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     del saved["data"]["sampling"], saved["model"]["block_swap"]
     (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(saved))
-    code, out, err = run_cli(["train", str(cfg), "-o", str(tmp_path / "run"), "--resume"], capsys)
+    code, out, err = run_cli(["train", str(cfg), "-o", str(tmp_path / "run"), "--resume", "--set", "train.lr=0.002",
+                              "--set", "train.steps=8"], capsys)
     assert code == 0 and "already complete" in out, err
+    # a run whose config.yaml is gone is refused: nothing says how it was trained
+    (tmp_path / "run" / "config.yaml").unlink()
+    line = _one_line_error(*run_cli(["train", str(cfg), "-o", str(tmp_path / "run"), "--resume",
+                                     "--set", "train.steps=8"], capsys)[::2])
+    assert "config.yaml is missing" in line and "--force" in line
 
 
 def test_lora_that_does_not_match_the_model(tmp_path, capsys):

@@ -63,6 +63,7 @@ def _cfg(tmp_path, teachers, **train):
         "distill": {"student_steps": 2, "fake_updates": 2},
         "train": {"steps": 3, "batch_size": 2, "lr": 1e-3, "mixed_precision": "no", "seed": 1, **train},
         "checkpoint": {"every": 1, "keep": 2},
+        "provenance": {"creator": "Studio K", "licence": "CC-BY-4.0", "consent": "own work"},
     })
 
 
@@ -90,6 +91,11 @@ def test_distill_with_two_teachers_resumes_exactly_and_the_student_generates(tmp
     b, _ = read_lora(tmp_path / "resumed" / "lora.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert meta["ernie_lora.recipe"] == "distill" and meta["ernie_lora.student_steps"] == "2"
+    # the same provenance block as a trained LoRA, shown by lora info
+    code, out, _ = run_cli(["lora", "info", str(tmp_path / "straight" / "lora.safetensors")], capsys)
+    for text in ("creator: Studio K", "licence: CC-BY-4.0", "consent: own work", "base_model_hash:", "recipe: distill",
+                 "trained:   rank 4, alpha 4.0"):
+        assert code == 0 and text in out, text
     assert not any("fake" in k or "teacher" in k for k in a)  # only the student is in the file
     # the student is a plain LoRA: the pipeline loads it and samples 2 steps at guidance 1
     paths = generate(["a poster"], model="tiny", loras=[LoraSpec(tmp_path / "straight" / "lora.safetensors", 1.0)],

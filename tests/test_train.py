@@ -63,7 +63,7 @@ def test_resume_is_bit_exact(poster_dataset, tmp_path, extra):
 
 def test_killed_process_resumes_to_identical_weights(poster_dataset, tmp_path):
     """A real SIGKILL mid-run (whatever it interrupts), then --resume, equals an uninterrupted run."""
-    overrides = {"train": {"steps": 40}, "checkpoint": {"every": 3, "keep": 2}}
+    overrides = {"train": {"steps": 14}, "checkpoint": {"every": 3, "keep": 2}}
     cfg = tiny_config(poster_dataset, tmp_path / "cache", **overrides)
     config_file = tmp_path / "cfg.yaml"
     config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))

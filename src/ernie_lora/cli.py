@@ -1,4 +1,8 @@
-"""The ``ernie-lora`` command: parses arguments, loads configs, calls a recipe or a command function."""
+"""The ``ernie-lora`` command: parses arguments, loads configs, calls a recipe or a command function.
+
+Each command imports what it needs when it runs (the imports inside the functions below are deliberate):
+``--help``, a config error or a light command never waits for torch, diffusers or matplotlib to load.
+"""
 
 from __future__ import annotations
 
@@ -190,7 +194,8 @@ def dataset_stats(
 ) -> None:
     """Images, mean aesthetic and hierarchical-sampling share per category; writes a bar chart."""
     from .data.categories import list_images
-    from .data.sampling import aesthetic_levels, category_stats, format_stats, save_stats_chart
+    from .data.sampling import aesthetic_levels, category_stats, format_stats
+    from .plots import save_stats_chart
 
     levels = aesthetic_levels(aesthetic) if aesthetic else None
     stats = category_stats(list_images(folder), levels, temperature, depth)

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
+from diffusers import ErnieImageTransformer2DModel
+from torch.profiler import ProfilerActivity, profile
 
 from .config import TrainRunConfig
 from .data.buckets import make_buckets
@@ -52,8 +54,6 @@ def _stderr_silenced():
 
 def peak_allocated_bytes(fn) -> int:
     """Peak of (allocated - freed) CPU bytes while ``fn`` runs, from torch's profiler allocation events."""
-    from torch.profiler import ProfilerActivity, profile
-
     # kineto prints a line to stderr at each start and stop, and a warning for blocks freed that were
     # allocated before it started; Python exceptions still surface once stderr is back
     with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -77,8 +77,6 @@ def peak_allocated_bytes(fn) -> int:
 
 def build_dit(config: dict, dtype: torch.dtype, device: str = "cpu"):
     """The DiT with uninitialised weights (allocation only; meta when nothing is to be run)."""
-    from diffusers import ErnieImageTransformer2DModel
-
     with torch.device("meta"):
         model = ErnieImageTransformer2DModel(**config)
     if device != "meta":

@@ -89,3 +89,24 @@ def save_metric_plots(steps: list[int], series: dict[str, list[float]], path: st
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
     return Path(path)
+
+
+def save_stats_chart(stats: list, path: Path) -> Path:
+    """Hierarchical sampling per category (``data.sampling.CategoryStats``): share of images vs of draws."""
+    total = sum(s.images for s in stats)
+    names = [s.name for s in stats]
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(stats) + 2), 4.5), dpi=100)
+    xs = range(len(stats))
+    ax.bar([x - 0.2 for x in xs], [s.images / total for s in stats], width=0.4, color="#9ab", label="share of images")
+    ax.bar([x + 0.2 for x in xs], [s.weight for s in stats], width=0.4, color="#c33", label="share of draws")
+    for x, s in zip(xs, stats, strict=True):
+        ax.annotate(f"aes {s.mean_aesthetic:.1f}", (x, max(s.weight, s.images / total)), ha="center",
+                    va="bottom", fontsize=8)
+    ax.set_xticks(list(xs), names, rotation=30, ha="right")
+    ax.set_ylabel("share")
+    ax.set_title("hierarchical sampling: weight = images x mean aesthetic")
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+    return path

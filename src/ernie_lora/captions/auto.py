@@ -102,7 +102,7 @@ class AutoCaption:
 def vlm_description(image: Image.Image, model_id: str) -> str:
     """A free-text description from a transformers image-to-text model the user has the weights of."""
     try:
-        from transformers import pipeline
+        from transformers import pipeline  # optional: only --vlm runs a captioning model
 
         captioner = pipeline("image-to-text", model=model_id)
         return str(captioner(image)[0]["generated_text"]).strip()

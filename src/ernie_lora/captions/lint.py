@@ -16,6 +16,7 @@ from PIL import Image
 
 from ..data.dataset import CACHE_DIR_NAME, IMAGE_EXTS
 from ..errors import UserError
+from .ocr import read_text
 
 LAYOUT_WORDS = {
     "top", "bottom", "left", "right", "center", "centre", "centered", "centred", "middle", "grid", "column",
@@ -61,7 +62,7 @@ def lint_caption(text: str, image_has_text: bool | None, max_tokens: int | None,
 
 def load_tokenizer(model: str):
     """The model's own tokenizer (what the pipeline counts with), loaded alone."""
-    from ..models import family_for
+    from ..models import family_for  # deferred: torch and diffusers load only when --model counts tokens
 
     return family_for(model).load_pipeline(model, dtype="fp32", components=("tokenizer",)).tokenizer
 
@@ -82,9 +83,7 @@ def lint_folder(folder: str | Path, model: str | None = None, ocr: bool = True,
         count_tokens = lambda text: len(tokenizer(text, add_special_tokens=True)["input_ids"])  # noqa: E731
     elif max_tokens is not None:
         raise UserError("--max-tokens needs --model (tokens are counted with the model's tokenizer)")
-    read_text = None
-    if ocr:
-        from .ocr import read_text
+    reader = read_text if ocr else None
     findings: list[LintFinding] = []
     captions = sorted(p for p in folder.rglob("*.txt") if CACHE_DIR_NAME not in p.parts)
     for txt in captions:
@@ -95,9 +94,9 @@ def lint_folder(folder: str | Path, model: str | None = None, ocr: bool = True,
             continue
         image = next((txt.with_suffix(ext) for ext in IMAGE_EXTS if txt.with_suffix(ext).exists()), None)
         has_text = None
-        if read_text is not None and image is not None:
+        if reader is not None and image is not None:
             with Image.open(image) as im:
-                has_text = any(box.confidence > 0.8 and len(box.text) >= 2 for box in read_text(im))
+                has_text = any(box.confidence > 0.8 and len(box.text) >= 2 for box in reader(im))
         for check, detail in lint_caption(text, has_text, max_tokens if count_tokens else None, count_tokens):
             findings.append(LintFinding(txt, check, detail))
     return findings, len(captions)

@@ -34,7 +34,7 @@ class TextBox:
 @lru_cache(maxsize=1)
 def _engine():
     try:
-        from rapidocr_onnxruntime import RapidOCR
+        from rapidocr_onnxruntime import RapidOCR  # optional extra [ocr]: loaded on first use
     except ImportError:
         raise UserError("OCR needs rapidocr-onnxruntime: pip install 'ernie-lora[ocr]' (make setup installs it)"
                         ) from None

@@ -24,6 +24,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from ..errors import UserError
+from ..io import atomic_write_text
+
 SIZE = 64
 KINDS = ("poster", "infographic", "comic", "ui")
 # Theme colours as drawn. Saturated and far apart, so a colour is recognisable in a 64px image.
@@ -261,9 +264,6 @@ def write_synthetic_dataset(
 
     Refuses to write into a folder that already holds images unless ``overwrite``.
     """
-    from ..errors import UserError
-    from ..io import atomic_write_text
-
     folder = Path(folder)
     if folder.exists() and any(folder.glob("*.png")) and not overwrite:
         raise UserError(f"{folder}: already holds images; choose another --out or pass --overwrite")

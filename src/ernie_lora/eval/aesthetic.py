@@ -25,11 +25,19 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from scipy.optimize import curve_fit
+from scipy.stats import kendalltau, pearsonr, spearmanr
 from tqdm.auto import tqdm
 
+from ..data.categories import list_images, metadata_rows
+from ..data.dataset import METADATA_FILE
+from ..data.sampling import read_aesthetic_labels
 from ..errors import UserError
 from ..io import atomic_write
+from ..plots import plt
+from ..rank.store import OUTCOMES, AnnotationStore
 
 FEATURE_SIDE = 96
 GRID = 4
@@ -75,7 +83,7 @@ class Encoder:
             return
         if not name.startswith("hf:"):
             raise UserError(f"encoder {name!r}: use builtin or hf:NAME_OR_FOLDER (a CLIP or SigLIP model)")
-        from transformers import AutoImageProcessor, AutoModel
+        from transformers import AutoImageProcessor, AutoModel  # optional: only hf: encoders need it
 
         source = name[3:]
         try:
@@ -140,8 +148,6 @@ class Scorer:
 
     @classmethod
     def load(cls, path: str | Path) -> Scorer:
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.is_file():
             raise UserError(f"{path}: no such scorer (train one with `ernie-lora aes train`)")
@@ -224,9 +230,6 @@ class Agreement:
 
 
 def agreement(predicted: np.ndarray, truth: np.ndarray) -> Agreement:
-    from scipy.optimize import curve_fit
-    from scipy.stats import kendalltau, pearsonr, spearmanr
-
     if len(predicted) < 3:
         raise UserError(f"{len(predicted)} images to evaluate; need at least 3")
     srcc = float(spearmanr(predicted, truth).statistic)
@@ -242,8 +245,6 @@ def agreement(predicted: np.ndarray, truth: np.ndarray) -> Agreement:
 
 
 def save_scatter(predicted: np.ndarray, truth: np.ndarray, result: Agreement, path: Path, truth_label: str) -> Path:
-    from ..plots import plt
-
     fig, ax = plt.subplots(figsize=(5, 4.5), dpi=100)
     ax.scatter(predicted, truth, s=12, alpha=0.6, color="#36c")
     if result.fitted:
@@ -264,10 +265,6 @@ def save_scatter(predicted: np.ndarray, truth: np.ndarray, result: Agreement, pa
 def _truth(root: Path, labels: str | Path | None, key: str) -> dict[str, float]:
     """Per-image truth: ``key`` of an ``aesthetic.jsonl`` (score, level), else of the dataset's
     ``metadata.jsonl`` (e.g. the hidden ``quality`` of a simulated dataset)."""
-    from ..data.categories import metadata_rows
-    from ..data.dataset import METADATA_FILE
-    from ..data.sampling import read_aesthetic_labels
-
     if labels is not None:
         source, rows = Path(labels), read_aesthetic_labels(labels)
     else:
@@ -289,8 +286,6 @@ def train_command(root: Path, out: Path, *, labels: Path | None, db: Path | None
         targets = _truth(root, labels, "level")
         names = sorted(targets)
     else:
-        from ..rank.store import OUTCOMES, AnnotationStore
-
         store = AnnotationStore(db)
         names = [e.path for e in store.images()]
         votes = [(v.left, v.right, OUTCOMES[v.outcome]) for v in store.votes() if v.outcome != "skip"]
@@ -310,8 +305,6 @@ def train_command(root: Path, out: Path, *, labels: Path | None, db: Path | None
 
 
 def score_folder(model: Path, folder: Path) -> list[tuple[str, float]]:
-    from ..data.categories import list_images
-
     scorer = Scorer.load(model)
     names = [e.path for e in list_images(folder)]
     if not names:

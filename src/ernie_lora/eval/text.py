@@ -16,6 +16,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..captions.ocr import read_text
+from .layout import prompt_for, read_metadata_captions
+
 _QUOTES = re.compile(r'"([^"]+)"|“([^”]+)”|「([^」]+)」|『([^』]+)』')
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 
@@ -62,14 +65,10 @@ def score_image_text(image: Image.Image, prompt: str) -> float | None:
     expected = quoted_text(prompt)
     if not expected:
         return None
-    from ..captions.ocr import read_text
-
     return text_recall(expected, " ".join(box.text for box in read_text(image)))
 
 
 def score_folder_text(folder: str | Path) -> list[tuple[Path, str, float | None]]:
-    from .layout import prompt_for, read_metadata_captions
-
     folder = Path(folder)
     metadata = read_metadata_captions(folder)
     results = []

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..io import atomic_write_text
 from ..models import ERNIE_IMAGE
 from .files import adapter_metadata, read_lora, resolve_lora_path, save_lora
 from .layouts import OUR_FORMATS, build_modules, layout_name, parse_keys, peft_folder_config
@@ -110,8 +111,6 @@ def write_modules(path: str | Path, modules: dict[str, Module], fmt: str = "diff
     tensors = folded_state_dict(modules, fmt)
     config = adapter_config(modules) if fmt != "kohya" else None
     if fmt == "peft" and path.suffix != ".safetensors":
-        from ..io import atomic_write_text
-
         path.mkdir(parents=True, exist_ok=True)
         written = save_lora(path / "adapter_model.safetensors", tensors, None, header)
         atomic_write_text(path / "adapter_config.json", json.dumps({**config, "base_model_name_or_path":

@@ -22,6 +22,7 @@ import torch
 
 from ..errors import UserError
 from ..models import ERNIE_IMAGE
+from .files import adapter_metadata
 from .modules import Dora, FullModule, LohaModule, LokrModule, LoraModule, Module
 
 
@@ -369,8 +370,6 @@ class LoaderView:
 def loader_view(loader: Loader, tensors: dict[str, torch.Tensor], header: dict[str, str], path: Path
                 ) -> LoaderView:
     """Run ``loader``'s documented rule on a file (``tensors``, ``header``, its ``path``)."""
-    from .files import adapter_metadata
-
     parsed = {key: split_key(key) for key in tensors}
     unknown = [key for key, k in parsed.items() if k is None]
     if unknown:

@@ -7,8 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
+from diffusers import ErnieImageTransformer2DModel
 
 from ..errors import UserError
+from ..models import family_for
 from .files import METADATA_PREFIX, provenance, read_lora, resolve_lora_path, tensor_sha256
 from .formats import read_lora_file
 from .layouts import LOADERS, LoaderView, loader_view, same_delta
@@ -96,11 +99,6 @@ def lora_info(path: str | Path, model: str | None = None) -> LoraInfo:
                     dict(alphas), lora.alpha_source, path.stat().st_size, provenance(header),
                     loader_verdicts(path, modules, tensors, header))
     if model is not None:
-        from accelerate import init_empty_weights  # deferred: only a fit check needs them
-        from diffusers import ErnieImageTransformer2DModel
-
-        from ..models import family_for
-
         with init_empty_weights():  # shapes only: an 8B model is checked without loading 15 GB
             transformer = ErnieImageTransformer2DModel.from_config(family_for(model).transformer_config(model))
         problems = fit_problems(modules, transformer)
@@ -128,8 +126,6 @@ def base_weights(model: str | None, names: list[str]) -> dict[str, torch.Tensor]
         return {}
     if model is None:
         raise UserError(f"{names[0]} uses DoRA, whose change depends on the base weights: pass --model")
-    from ..models import family_for
-
     transformer = family_for(model).load_transformer(model, dtype="fp32")
     out = {}
     for name in names:

@@ -18,8 +18,11 @@ from pathlib import Path
 
 import torch
 from diffusers import ErnieImagePipeline, ErnieImageTransformer2DModel
+from huggingface_hub import snapshot_download
 
 from ..errors import UserError
+from . import tiny
+from .micro_arch import MICRO_DIR
 from .tiny import build_tiny_pipeline
 
 BASE_MODEL = "baidu/ERNIE-Image"  # the hub ids; family.py holds them as the families' own
@@ -58,8 +61,6 @@ def resolve_name(name: str) -> str:
     """``micro`` -> the shipped folder; every other name is returned as given."""
     if name != "micro":
         return name
-    from .micro_arch import MICRO_DIR
-
     if not (MICRO_DIR / "model_index.json").exists():
         raise UserError(f"model 'micro': its weights are missing from {MICRO_DIR}; re-create them with "
                         "`ernie-lora pretrain-micro configs/micro-pretrain.yaml --output " + str(MICRO_DIR) + "`")
@@ -191,16 +192,12 @@ def component_fingerprint(name: str, component: str, revision: str | None = None
 
 def _cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
     try:
-        from huggingface_hub import snapshot_download
-
         return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
     except Exception:
         return None
 
 
 def _tiny_configs() -> dict:
-    from . import tiny
-
     return {k: getattr(tiny, k) for k in dir(tiny) if k.startswith("TINY_")}
 
 
@@ -209,8 +206,6 @@ def load_component_config(name: str, component: str, revision: str | None = None
     name = resolve_name(name)
     seed = tiny_seed(name)
     if seed is not None:
-        from . import tiny
-
         return dict({
             "transformer": tiny.TINY_TRANSFORMER_CONFIG,
             "vae": tiny.TINY_VAE_CONFIG,

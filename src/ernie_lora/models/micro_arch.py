@@ -16,7 +16,8 @@ from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
-from .tiny import SPECIAL_TOKENS, TINY_VISION_CONFIG
+from ..data.synthetic import vocabulary
+from .tiny import SPECIAL_TOKENS, TINY_VISION_CONFIG, build_pipeline_from_configs
 
 MICRO_DIR = Path(__file__).parent / "micro"
 
@@ -65,8 +66,6 @@ def build_word_tokenizer(words: list[str], model_max_length: int = 128) -> PreTr
 
 def build_untrained_micro(seed: int = 0):
     """The micro pipeline with random weights (what pretraining starts from)."""
-    from ..data.synthetic import vocabulary
-    from .tiny import build_pipeline_from_configs
 
     tokenizer = build_word_tokenizer(vocabulary())
     text_config = dict(MICRO_TEXT_CONFIG, vocab_size=len(tokenizer))

@@ -24,7 +24,7 @@ def quantize_base(transformer: torch.nn.Module, kind: str) -> None:
     if kind not in QUANTIZE_CHOICES:
         raise UserError(f"model.quantize: {kind!r} is not one of {', '.join(QUANTIZE_CHOICES)}")
     try:
-        from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+        from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_  # extra [quant]
     except ImportError:
         raise UserError(f"model.quantize: {kind} needs torchao (pip install 'ernie-lora[quant]')") from None
     config = Int8WeightOnlyConfig() if kind == "int8" else Float8WeightOnlyConfig()

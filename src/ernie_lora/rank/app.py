@@ -11,11 +11,12 @@ from __future__ import annotations
 import hmac
 from pathlib import Path
 
+import uvicorn
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
-from ..data.categories import inside
+from ..data.categories import inside, list_images
 from ..errors import UserError
 from .store import OUTCOMES, AnnotationStore
 
@@ -168,10 +169,6 @@ load();
 
 def serve(folder: Path, db: Path | None, host: str, port: int, token: str | None) -> None:
     """List the folder's images into the database and serve the app until interrupted."""
-    import uvicorn
-
-    from ..data.categories import list_images
-
     check_bind(host, token)
     images = list_images(folder)
     if len(images) < 2:

@@ -111,6 +111,14 @@ def open_run(output: str | Path, cfg: BaseModel, recipe: str, *, resume: bool, o
     return run
 
 
+def close_run(run: Run) -> None:
+    """Every process waits until the main one has written its files, then leaves the process group (a
+    process that exits first, gloo threads running, aborts)."""
+    if run.procs is not None and run.world > 1:
+        run.wait()
+        torch.distributed.destroy_process_group()
+
+
 def start_run(run: Run, cfg: BaseModel) -> None:
     """Written only once data and model are ready: a run that failed on them leaves no run to refuse later."""
     if run.is_main:
@@ -171,8 +179,11 @@ def setup_model(run: Run, family: ErnieImageFamily, model_cfg: BaseModelConfig, 
     swap = BlockSwap(transformer, block_swap, run.device) if block_swap else None
     if fsdp:
         shard_frozen_base(transformer, family, params, run.device, run.world)
+        blocks = [p for p in family.blocks(transformer).parameters() if not p.requires_grad]
+        held, whole = sum(p.to_local().numel() for p in blocks), sum(p.numel() for p in blocks)
         if run.is_main:
             print(f"fsdp: the frozen base is sharded over {run.world} processes; the LoRA is replicated")
+        print(f"fsdp: process {run.rank} holds {held} of {whole} frozen block weights", flush=True)
     if tcfg.compile:
         transformer.compile_repeated_blocks()  # diffusers: torch.compile of each repeated block
     transformer.train()
@@ -188,6 +199,7 @@ def shard_frozen_base(transformer, family: ErnieImageFamily, lora_params: list[t
     """FSDP2 over the frozen base only: each block (then the rest) is a unit whose weights are split over
     the processes and gathered for its forward and backward. The LoRA is left out of the sharding, so
     it stays a plain tensor on every process: saving, resuming and the gradient average are unchanged."""
+    # deferred: torch.distributed's FSDP modules load only for a sharded run
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -240,8 +252,9 @@ class Optimisation:
 
 def make_optimisation(params, tcfg: TrainConfig, world: int = 1) -> Optimisation:
     optimizer = make_optimizer(params, tcfg)
-    scheduler = get_scheduler(tcfg.lr_scheduler, optimizer, num_warmup_steps=tcfg.warmup_steps,
-                              num_training_steps=tcfg.steps)
+    # diffusers' "constant" ignores num_warmup_steps; with a warmup it is "constant_with_warmup"
+    name = "constant_with_warmup" if tcfg.lr_scheduler == "constant" and tcfg.warmup_steps else tcfg.lr_scheduler
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=tcfg.warmup_steps, num_training_steps=tcfg.steps)
     return Optimisation(params, optimizer, scheduler, tcfg.max_grad_norm, world)
 
 

@@ -50,6 +50,13 @@ def train(cfg: TrainRunConfig, output: str | Path, *, resume: bool = False, over
           force: bool = False, stop_after: int | None = None, progress: bool = True) -> TrainResult:
     """Run the LoRA recipe. ``stop_after`` ends the run after that step as if killed (tests use it)."""
     run = engine.open_run(output, cfg, "train", resume=resume, overwrite=overwrite, force=force, distributed=True)
+    result = _train(cfg, run, resume, stop_after, progress)
+    engine.close_run(run)  # on success only: a process that failed must not wait for the others
+    return result
+
+
+def _train(cfg: TrainRunConfig, run: engine.Run, resume: bool, stop_after: int | None, progress: bool
+           ) -> TrainResult:
     family = family_for(cfg.model.name)
     report, cached = prepare_data(cfg, run, family)
     tcfg = cfg.train
