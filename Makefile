@@ -5,6 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 DEMO_OUT ?= demo-output
+# e.g. make demo DEMO_FLAGS=--overwrite (replace an earlier demo) or DEMO_FLAGS='--seed 1'
+DEMO_FLAGS ?=
 
 .PHONY: setup test demo lint clean
 
@@ -25,10 +27,10 @@ test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n auto
 
 lint: setup
-	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff check src tests bench scripts
 
 demo: setup
-	$(VENV)/bin/ernie-lora demo --output $(DEMO_OUT)
+	$(VENV)/bin/ernie-lora demo --output $(DEMO_OUT) $(DEMO_FLAGS)
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

@@ -37,7 +37,7 @@ def lora_seconds(dataset: Path, out: Path, steps: int, batch: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=300, help="demo LoRA steps")
+    parser.add_argument("--steps", type=int, default=500, help="demo LoRA steps")
     args = parser.parse_args()
     from diffusers.utils import logging as dlog
 
@@ -46,10 +46,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         summary = run_demo(tmp / "demo", steps=args.steps)
+        concepts = [k for k, v in summary.items() if isinstance(v, dict) and "before" in v]
         total = summary["seconds"]["total"]
         print("demo phases (s): " + ", ".join(f"{k} {v:.1f} ({v / total:.0%})" for k, v in summary["seconds"].items()
                                            if k != "total") + f"; total {total:.1f}")
-        print(f"demo fidelity: {summary['before_median']:.3f} -> {summary['after_median']:.3f}")
+        for c in concepts:
+            print(f"demo {c}: structure {summary[c]['before']['structure']['mean']:.3f} -> "
+                  f"{summary[c]['after']['structure']['mean']:.3f}, score {summary[c]['before']['score']['mean']:.3f} "
+                  f"-> {summary[c]['after']['score']['mean']:.3f}")
         dataset = write_synthetic_dataset(tmp / "posters", 50, "poster", 0, ("purple",))
         for batch in (1, 8):
             short = lora_seconds(dataset, tmp / "short", 20, batch)

@@ -6,7 +6,7 @@ vote in rounds of N/2 pairs (no rematches); after every round Bradley-Terry is f
 correlation with q is measured. Printed: the comparisons each needed to reach the target (median over
 seeds) and their ratio.
 
-    python bench/swiss_vs_random.py --images 200 --seeds 10
+    python bench/swiss_vs_random.py --images 200 --seeds 20 --noise 0.25 0.5 1.0
 """
 
 from __future__ import annotations
@@ -58,24 +58,35 @@ def run(scheme: str, n: int, noise: float, tie: float, target: float, max_rounds
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=200)
-    ap.add_argument("--seeds", type=int, default=10)
-    ap.add_argument("--noise", type=float, default=0.5, help="annotator noise (logistic scale, quality units)")
+    ap.add_argument("--seeds", type=int, default=20)
+    ap.add_argument("--first-seed", type=int, default=0)
+    ap.add_argument("--noise", type=float, nargs="+", default=[0.25, 0.5, 1.0],
+                    help="annotator noise levels (logistic scale, quality units)")
     ap.add_argument("--tie", type=float, default=0.1)
     ap.add_argument("--target", type=float, default=0.9)
-    ap.add_argument("--max-rounds", type=int, default=60)
+    ap.add_argument("--max-rounds", type=int, default=80)
     args = ap.parse_args()
-    print(f"{args.images} images, annotator noise {args.noise}, ties {args.tie}, target SRCC {args.target}, "
-          f"{args.seeds} seeds")
-    needed = {}
-    for scheme in ("swiss", "random"):
-        counts = [run(scheme, args.images, args.noise, args.tie, args.target, args.max_rounds, s)
-                  for s in range(args.seeds)]
-        reached = [c for c in counts if c is not None]
-        needed[scheme] = statistics.median(reached) if reached else float("inf")
-        per_image = needed[scheme] * 2 / args.images
-        print(f"{scheme:>7}: median {needed[scheme]:.0f} comparisons ({per_image:.1f} per image), reached target in "
-              f"{len(reached)}/{len(counts)} seeds; all: {counts}")
-    print(f"random / swiss = {needed['random'] / needed['swiss']:.2f}x the comparisons")
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    print(f"{args.images} images, ties {args.tie}, target SRCC {args.target}, seeds {seeds.start}-{seeds.stop - 1}; "
+          "swiss and random interleaved per seed (the same hidden qualities)")
+    for noise in args.noise:
+        counts: dict[str, list[int | None]] = {"swiss": [], "random": []}
+        for seed in seeds:
+            for scheme in counts:
+                counts[scheme].append(run(scheme, args.images, noise, args.tie, args.target, args.max_rounds, seed))
+        print(f"annotator noise {noise}:")
+        needed = {}
+        for scheme, values in counts.items():
+            reached = [c for c in values if c is not None]
+            needed[scheme] = statistics.median(reached) if reached else float("inf")
+            print(f"  {scheme:>6}: median {needed[scheme]:.0f} comparisons ({needed[scheme] * 2 / args.images:.1f} "
+                  f"per image), reached the target in {len(reached)}/{len(values)} seeds; all: {values}")
+        ratios = sorted(r / s for s, r in zip(counts["swiss"], counts["random"], strict=True) if s and r)
+        fewer = sum(r > s for s, r in zip(counts["swiss"], counts["random"], strict=True) if s and r)
+        quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        print(f"  random / swiss = {needed['random'] / needed['swiss']:.2f}x the comparisons (medians); per seed: "
+              f"median {statistics.median(ratios):.2f}x, quartiles {quartiles[0]:.2f}-{quartiles[2]:.2f}x, "
+              f"range {ratios[0]:.2f}-{ratios[-1]:.2f}x; swiss needed fewer in {fewer}/{len(ratios)} seeds")
 
 
 if __name__ == "__main__":

@@ -117,8 +117,10 @@ def test_the_shipped_micro_config_runs_its_proof_end_to_end(tmp_path, capsys):
     assert (tmp_path / "run" / "run" / "lora.safetensors").exists()
     report = (tmp_path / "run" / "report.md").read_text()
     for row in ("| teacher | 24 |", "| student 2 steps | 2 | 1 |", "| base 2 steps | 2 | 3 |",
-                "| base 2 steps, CFG 1 | 2 | 1 |"):
+                "| base 2 steps, CFG 1 | 2 | 1 |", "- student 2 steps - base 2 steps"):
         assert row in report
+    assert "3 test-split prompts of the synthetic world (none a training prompt)" in report
+    assert "overlap with the 4 training prompts: 0" in out
     assert (tmp_path / "run" / "comparison.png").exists()
 
 
@@ -137,3 +139,63 @@ def test_regression_warm_start_on_teacher_ode_pairs_then_dmd_resumes_exactly(tmp
     a, _ = read_lora(tmp_path / "straight" / "lora.safetensors")
     b, _ = read_lora(tmp_path / "resumed" / "lora.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- distribution matching on a Gaussian toy: the recipe's own step, scores known in closed form --------------
+
+REAL_MEAN, REAL_STD = torch.tensor([3.0, -2.0]), torch.tensor([0.5, 0.5])
+
+
+def _gaussian_x0(x_t, sigma, mean, log_std):
+    """E[x0 | x_t] for x0 ~ N(mean, diag(std^2)) and x_t = (1 - sigma) x0 + sigma eps: the exact denoiser."""
+    a, s, var = (1 - sigma).view(-1, 1), sigma.view(-1, 1), torch.exp(2 * log_std)
+    return mean + a * var / (a * a * var + s * s) * (x_t - a * mean)
+
+
+def _gaussian_dmd(fake_updates: int, steps: int = 200, seed: int = 0, batch: int = 64):
+    """A student x0 = mean + std * z learns N(REAL_MEAN, REAL_STD^2) through ``distribution_matching_step``;
+    the fake score is the exact denoiser of a Gaussian whose mean and std it learns from the student's
+    samples, starting at the teacher's (as DMD starts the fake score from the teacher)."""
+    from ernie_lora.recipes.dmd import distribution_matching_step
+
+    g = torch.Generator().manual_seed(seed)
+    mean, log_std = torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)
+    fake_mean = REAL_MEAN.clone().requires_grad_(True)
+    fake_log_std = REAL_STD.log().requires_grad_(True)
+    opt, opt_fake = torch.optim.Adam([mean, log_std], lr=0.05), torch.optim.Adam([fake_mean, fake_log_std], lr=0.1)
+
+    def student():
+        return mean + torch.exp(log_std) * torch.randn(batch, 2, generator=g)
+
+    def noise_to(x0):
+        sigma = 0.02 + 0.96 * torch.rand(x0.shape[0], generator=g)
+        eps = torch.randn(x0.shape, generator=g)
+        return (1 - sigma.view(-1, 1)) * x0 + sigma.view(-1, 1) * eps, sigma, eps
+
+    def fake_update(x0):
+        x_t, sigma, _ = noise_to(x0)
+        loss = ((_gaussian_x0(x_t, sigma, fake_mean, fake_log_std) - x0) ** 2).mean()
+        opt_fake.zero_grad()
+        loss.backward()
+        opt_fake.step()
+        return loss.item()
+
+    for _ in range(steps):
+        opt.zero_grad()
+        distribution_matching_step(student, fake_update, student, noise_to,
+                                   lambda x_t, s: _gaussian_x0(x_t, s, REAL_MEAN, REAL_STD.log()),
+                                   lambda x_t, s: _gaussian_x0(x_t, s, fake_mean, fake_log_std), fake_updates)
+        opt.step()
+    return mean.detach(), log_std.detach().exp()
+
+
+def test_distribution_matching_moves_a_gaussian_student_onto_the_teachers_distribution():
+    mean, std = _gaussian_dmd(fake_updates=5)  # from N(0, 1): 3.6 away in mean, twice the std
+    assert torch.allclose(mean, REAL_MEAN, atol=0.1) and torch.allclose(std, REAL_STD, atol=0.05), (mean, std)
+
+
+def test_without_fake_score_updates_the_student_does_not_move():
+    """The fake score is what tells the student where it stands: never updated, it equals the teacher and
+    the gradient is zero."""
+    mean, std = _gaussian_dmd(fake_updates=0, steps=20)
+    assert torch.equal(mean, torch.zeros(2)) and torch.equal(std, torch.ones(2))

@@ -120,7 +120,8 @@ def test_sdpo_scales_the_rejected_gradient(poster_dataset, tmp_path):
     cfg.dpo.rejected_scale = "sdpo"
     result = run_dpo(cfg, tmp_path / "sdpo", progress=False)
     scales = [row["rejected_scale"] for row in result.history]
-    assert all(0.0 <= s <= 1.0 for s in scales) and all(math.isfinite(r["loss"]) for r in result.history)
+    assert all(0.0 < s <= 1.0 for s in scales) and all(math.isfinite(r["loss"]) for r in result.history)
+    assert min(scales) < 1.0  # the guard acted on this data (0.99 at step 2 when measured)
 
 
 def test_dpo_cli_refuses_a_config_without_pairs(tmp_path, capsys):
@@ -142,17 +143,29 @@ def test_starting_from_a_lora_makes_it_the_reference(poster_dataset, tmp_path):
 
 
 def test_the_shipped_micro_config_runs_its_proof_end_to_end(tmp_path, capsys):
-    """configs/micro-dpo.yaml, shrunk: pairs from micro's samples, SFT baseline, DPO, the report table."""
+    """configs/micro-dpo.yaml, shrunk: a concept LoRA, pairs from its samples of train-split prompts, SFT
+    baseline with its own steps, DPO, the report table and intervals on held-out prompts of the asked split."""
     from conftest import REPO
+    from ernie_lora.data.synthetic import split_of
 
     code, out, err = run_cli(["dpo", str(REPO / "configs" / "micro-dpo.yaml"), "--output", str(tmp_path / "run"),
                               "--set", "train.steps=2", "--set", "proof.pair_prompts=3", "--set", "proof.candidates=3",
                               "--set", "proof.min_margin=0", "--set", "proof.eval_prompts=2", "--set", "proof.steps=4",
-                              "--set", f"data.cache_dir={tmp_path / 'cache'}"], capsys)
+                              "--set", "proof.split=validation", "--set", "proof.eval_seeds=1",
+                              "--set", "proof.sft_steps=3", "--set", "proof.concept_images=4",
+                              "--set", "proof.concept_steps=2", "--set", f"data.cache_dir={tmp_path / 'cache'}"],
+                             capsys)
     assert code == 0, err
-    report = (tmp_path / "run" / "report.md").read_text()
-    for row in ("| base |", "| SFT on chosen |", "| DPO |"):
-        assert row in report
     proof = tmp_path / "run"
-    assert (proof / "comparison.png").exists() and (proof / "pairs" / "pairs.jsonl").exists()
-    assert (proof / "run" / "lora.safetensors").exists() and (proof / "sft" / "run" / "lora.safetensors").exists()
+    report = (proof / "report.md").read_text()
+    for row in ("| start LoRA |", "| SFT on chosen |", "| DPO |", "- DPO - start LoRA: ", "- DPO - SFT on chosen: ",
+                "DPO aligns a concept LoRA (`concept/`)"):
+        assert row in report
+    assert (proof / "concept" / "run" / "lora.safetensors").exists()
+    assert "2 samples of 2 validation-split prompts (none a pair prompt)" in report
+    assert "overlap with the 3 training prompts: 0" in out
+    assert {split_of(p.prompt) for p in read_pairs(proof / "pairs" / "pairs.jsonl")} == {"train"}
+    assert len(list((proof / "eval" / "dpo").glob("*.png"))) == 2
+    assert (proof / "comparison.png").exists() and (proof / "run" / "lora.safetensors").exists()
+    assert "step,loss" in (proof / "sft" / "run" / "metrics.csv").read_text()
+    assert len((proof / "sft" / "run" / "metrics.csv").read_text().splitlines()) == 1 + 3  # proof.sft_steps

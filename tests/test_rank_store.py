@@ -165,6 +165,30 @@ def test_aesthetic_scorer_ranks_held_out_images_by_hidden_quality(simulated, tmp
     assert len(scored) == 120 and [float(s) for s, _ in scored] == sorted((float(s) for s, _ in scored), reverse=True)
 
 
+def test_the_aesthetic_head_is_its_seed_alone():
+    """Same seed, whatever the caller's RNG did before: the same head; another seed: another head."""
+    import torch
+
+    from ernie_lora.eval.aesthetic import train_scorer
+
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(20, 6)).astype(np.float32)
+    names = [f"img{i}.png" for i in range(20)]
+    targets = {n: float(features[i, 0]) for i, n in enumerate(names)}
+
+    def head(seed, noise):
+        torch.manual_seed(noise)  # the caller's global RNG state
+        state = train_scorer(features, names, targets=targets, epochs=3, seed=seed).head.state_dict()
+        return torch.cat([v.flatten() for v in state.values()])
+
+    assert torch.equal(head(1, noise=5), head(1, noise=6))
+    assert not torch.allclose(head(1, noise=5), head(2, noise=5))
+    torch.manual_seed(7)
+    before = torch.random.get_rng_state()
+    train_scorer(features, names, targets=targets, epochs=3, seed=1)
+    assert torch.equal(torch.random.get_rng_state(), before)  # the caller's RNG is left as it was
+
+
 def test_agreement_uses_the_logistic_fit_and_rank_statistics():
     from ernie_lora.eval.aesthetic import agreement
 

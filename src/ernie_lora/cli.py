@@ -228,19 +228,32 @@ def _print_score_table(detail_header: str, rows: list[tuple[str, float | None, s
 @eval_app.command("layout")
 def eval_layout(
     folder: Path = typer.Argument(..., help="PNGs with prompts in their metadata, .txt files or metadata.jsonl"),
+    text: bool = typer.Option(False, "--text", help="also read the quoted text (OCR) into the headline"),
 ) -> None:
-    """Layout fidelity (0-1) of every image against its prompt, as a table."""
+    """Layout scores (0-1) of every image against its prompt: structure, colour (and text), and their product."""
+    import statistics
+
     from .eval.layout import score_folder
 
-    rows = []
-    for path, prompt, score in _scored_folder(folder, score_folder):
+    rows = list(_scored_folder(folder, lambda f: score_folder(f, text=text)))
+    typer.echo(f"{'image':36s} {'score':>6s} {'struct':>6s} {'colour':>6s}" + (f" {'text':>6s}" if text else "")
+               + "  kind; failed checks")
+    scored = []
+    for path, prompt, score in rows:
         if score is None:
-            detail = "(no prompt)" if not prompt else "(prompt is not in the layout language)"
-        else:
-            failed = ", ".join(k for k, v in score.checks.items() if v < 0.5)
-            detail = f"{score.kind}" + (f"; failed: {failed}" if failed else "")
-        rows.append((path.name, None if score is None else score.score, detail))
-    _print_score_table("kind; failed checks", rows)
+            why = "(no prompt)" if not prompt else "(prompt is not in the layout language)"
+            typer.echo(f"{path.name[:36]:36s} {'-':>6s}  {why}")
+            continue
+        scored.append(score)
+        failed = ", ".join(k for k, v in score.checks.items() if v < 0.5)
+        shown_text = "" if not text else f" {'-' if score.text is None else f'{score.text:.3f}':>6s}"
+        typer.echo(f"{path.name[:36]:36s} {score.score:6.3f} {score.structure:6.3f} {score.colour:6.3f}{shown_text}"
+                   f"  {score.kind}" + (f"; failed: {failed}" if failed else ""))
+    if scored:
+        means = ", ".join(f"{name} {statistics.mean(getattr(s, name) for s in scored):.3f}"
+                          for name in ("score", "structure", "colour"))
+        typer.echo(f"{len(scored)} scored: median score {statistics.median(s.score for s in scored):.3f}; "
+                   f"means: {means}")
 
 
 @eval_app.command("text")
@@ -646,13 +659,15 @@ def aes_eval(
 @app.command()
 def demo(
     output: Path = typer.Option(Path("demo-output"), "--output", "-o"),
-    steps: int = typer.Option(300, help="LoRA training steps"),
+    steps: int = typer.Option(500, help="LoRA training steps"),
+    seed: int = typer.Option(0, help="seeds the training data, the LoRA's training and the samples"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier demo in --output"),
 ) -> None:
-    """Teach micro ERNIE a held-out concept with a LoRA; before/after layout fidelity (CPU, no download)."""
+    """Teach micro ERNIE a layout and a colour it never saw, with one LoRA; before/after scores (CPU)."""
     from .demo import run_demo
 
     _quiet_libraries()
-    run_demo(output, steps=steps)
+    run_demo(output, steps=steps, seed=seed, overwrite=overwrite)
 
 
 def main() -> None:

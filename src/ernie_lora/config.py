@@ -209,18 +209,34 @@ class DpoConfig(_Strict):
 
 
 class ProofConfig(_Strict):
-    """The micro-world proof: pairs made by sampling the model and ranking by layout fidelity; after
-    training, fidelity on fresh prompts for the base, SFT on the chosen images, and DPO."""
+    """The micro-world proof: pairs made by sampling the model (with the LoRA DPO starts from, if any) and
+    ranking by the layout score; after training, scores on held-out prompts for the start, SFT on the chosen
+    images, and DPO."""
 
     kind: Literal["poster", "infographic", "comic", "ui"] = "comic"
+    bands: list[Literal["top", "middle", "bottom", "left", "right"]] | None = None  # posters; default: seen ones
+    # a concept LoRA to align: first the LoRA recipe on this many synthetic images of the proof's prompts
+    # (train split) for concept_steps; DPO and the SFT baseline start from it and it is their reference
+    concept_images: int = Field(0, ge=0)
+    concept_steps: int = Field(300, gt=0)
     pair_prompts: int = Field(48, gt=0)
     candidates: int = Field(6, ge=2)
     min_margin: float = Field(0.3, ge=0, le=1)
-    eval_prompts: int = Field(32, gt=0)
+    eval_prompts: int = Field(32, gt=0)  # distinct prompts of `split` (fewer when the split holds fewer)
+    eval_seeds: int = Field(2, gt=0)  # samples per evaluation prompt, each with its own noise
+    split: Literal["validation", "test"] = "test"  # tune settings on validation, report on test
     compare_sft: bool = True
+    sft_lr: float | None = Field(None, gt=0)  # the SFT baseline's lr (default: train.lr), tuned like DPO's
+    sft_steps: int | None = Field(None, gt=0)  # the SFT baseline's steps (default: train.steps)
     steps: int = Field(24, gt=0)
     guidance: float = Field(3.0, ge=1.0)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _bands_are_for_posters(self) -> ProofConfig:
+        if self.bands is not None and self.kind != "poster":
+            raise ValueError(f"proof.bands: only posters have bands (proof.kind is {self.kind})")
+        return self
 
 
 class DpoRunConfig(_Strict):
@@ -268,7 +284,7 @@ class DistillConfig(_Strict):
 
 
 class DistillDataConfig(_Strict):
-    prompts_file: str | None = None  # one prompt per line (relative to the config); else synthetic captions
+    prompts_file: str | None = None  # one prompt per line (relative to the config); else train-split captions
     synthetic_prompts: int = Field(64, gt=0)
     seed: int = 0
     resolution: int = Field(1024, gt=0)  # square samples of this side
@@ -276,7 +292,8 @@ class DistillDataConfig(_Strict):
 
 
 class DistillProofConfig(_Strict):
-    eval_prompts: int = Field(96, gt=1)  # fresh synthetic prompts; the Frechet distance wants many
+    eval_prompts: int = Field(96, gt=1)  # distinct prompts of `split`; the Frechet distance wants many
+    split: Literal["validation", "test"] = "test"  # tune settings on validation, report on test
     teacher_steps: int = Field(24, gt=0)
     steps: list[int] = [8, 4, 2, 1]  # the student and the base are each sampled at these step counts
     seed: int = 0

@@ -165,8 +165,7 @@ class Scorer:
         return self.head(torch.from_numpy(features).float()).numpy()
 
 
-def _fit(head: AestheticHead, loss_fn, epochs: int, lr: float, seed: int) -> None:
-    torch.manual_seed(seed)
+def _fit(head: AestheticHead, loss_fn, epochs: int, lr: float) -> None:
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-3)
     head.train()
     for _ in range(epochs):
@@ -191,9 +190,19 @@ def train_scorer(features: np.ndarray, names: list[str], *, targets: dict[str, f
     if len(train_idx) < 4:
         raise UserError(f"{len(train_idx)} training images after the holdout; label more images")
     x = torch.from_numpy(features).float()
-    head = AestheticHead(x.shape[1])
-    head.mean.copy_(x[train_idx].mean(0))
-    head.std.copy_(x[train_idx].std(0).clamp_min(1e-4))
+    with torch.random.fork_rng():  # the seed owns the head's initial weights and dropout; the caller's RNG is left
+        torch.manual_seed(seed)
+        head = AestheticHead(x.shape[1])
+        head.mean.copy_(x[train_idx].mean(0))
+        head.std.copy_(x[train_idx].std(0).clamp_min(1e-4))
+        _fit(head, _loss_function(head, x, names, index, held, train_idx, targets, votes), epochs, lr)
+    return Scorer(head, encoder_name, sorted(held))
+
+
+def _loss_function(head: AestheticHead, x: torch.Tensor, names: list[str], index: dict[str, int], held: set[str],
+                   train_idx: list[int], targets: dict[str, float] | None,
+                   votes: list[tuple[str, str, float]] | None):
+    """Bradley-Terry on the votes between training images, or MSE on the standardised targets."""
     if votes is not None:
         kept = [(index[a], index[b], o) for a, b, o in votes if a not in held and b not in held]
         if not kept:
@@ -204,15 +213,14 @@ def train_scorer(features: np.ndarray, names: list[str], *, targets: dict[str, f
         def loss_fn() -> torch.Tensor:
             s = head(x)
             return torch.nn.functional.binary_cross_entropy_with_logits(s[ia] - s[ib], outcome)
-    else:
-        y = torch.tensor([targets[n] for n in names], dtype=torch.float32)
-        ti = torch.tensor(train_idx)
-        y_mean, y_std = y[ti].mean(), y[ti].std().clamp_min(1e-6)
+        return loss_fn
+    y = torch.tensor([targets[n] for n in names], dtype=torch.float32)
+    ti = torch.tensor(train_idx)
+    y_mean, y_std = y[ti].mean(), y[ti].std().clamp_min(1e-6)
 
-        def loss_fn() -> torch.Tensor:
-            return torch.nn.functional.mse_loss(head(x[ti]), (y[ti] - y_mean) / y_std)
-    _fit(head, loss_fn, epochs, lr, seed)
-    return Scorer(head, encoder_name, sorted(held))
+    def loss_fn() -> torch.Tensor:
+        return torch.nn.functional.mse_loss(head(x[ti]), (y[ti] - y_mean) / y_std)
+    return loss_fn
 
 
 # -- evaluation --------------------------------------------------------------------------------------

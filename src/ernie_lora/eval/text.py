@@ -17,7 +17,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..captions.ocr import read_text
-from .layout import prompt_for, read_metadata_captions
+from .prompts import prompt_for, read_metadata_captions
 
 _QUOTES = re.compile(r'"([^"]+)"|“([^”]+)”|「([^」]+)」|『([^』]+)』')
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")

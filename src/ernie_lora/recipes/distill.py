@@ -12,13 +12,12 @@
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import DistillRunConfig
 from ..data.cache import build_caches, load_embedding
-from ..data.synthetic import caption, pretraining_colours, sample_layout
+from ..data.synthetic import pretraining_colours, split_captions
 from ..errors import UserError
 from ..lora.adapters import export_adapter
 from ..models import family_for
@@ -82,7 +81,7 @@ def run_distill(cfg: DistillRunConfig, output: str | Path, *, resume: bool = Fal
 
 
 def distill_prompts(cfg: DistillRunConfig) -> list[str]:
-    """The training prompts: a file, one per line, or synthetic layout captions."""
+    """The training prompts: a file, one per line, or distinct train-split captions of the synthetic world."""
     if cfg.data.prompts_file:
         path = Path(cfg.data.prompts_file)
         if not path.is_file():
@@ -91,5 +90,4 @@ def distill_prompts(cfg: DistillRunConfig) -> list[str]:
         if not prompts:
             raise UserError(f"data.prompts_file: {path} holds no prompts")
         return prompts
-    rng = random.Random(cfg.data.seed)
-    return sorted({caption(sample_layout(rng, None, pretraining_colours())) for _ in range(cfg.data.synthetic_prompts)})
+    return sorted(split_captions(cfg.data.synthetic_prompts, "train", None, pretraining_colours(), seed=cfg.data.seed))

@@ -31,7 +31,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..config import MicroPretrainConfig
-from ..data.synthetic import HELD_OUT, caption, pretraining_colours, render, sample_layout
+from ..data.synthetic import BANDS, HELD_OUT, caption, pretraining_colours, render, sample_layout
 from ..errors import UserError
 from ..eval.layout import score_image
 from ..flow import noisy_latents, sample_sigmas, velocity_target
@@ -43,15 +43,20 @@ from ..plots import save_image_grid, save_loss_plot
 
 
 def render_world(count: int, seed: int, random_colours: bool = False) -> tuple[torch.Tensor, list[str]]:
-    """``count`` images of pretraining concepts as uint8 [N, 3, 64, 64], and their captions.
+    """``count`` images as uint8 [N, 3, 64, 64], and their captions: the DiT's are pretraining concepts of the
+    pretrain split (no caption of the train, validation or test splits, no held-out colour or structure).
 
-    ``random_colours`` draws every theme in a random RGB colour (the VAE's data).
+    ``random_colours`` draws every theme in a random RGB colour and every structure, held-out ones
+    included (the VAE's data: a general codec; only the DiT never sees the held-out concepts).
     """
     rng = random.Random(seed)
     pixels = np.empty((count, 64, 64, 3), dtype=np.uint8)
     captions = []
     for i in tqdm(range(count), desc="rendering the synthetic world", unit="img", mininterval=1):
-        layout = sample_layout(rng, colours=pretraining_colours())
+        if random_colours:
+            layout = sample_layout(rng, colours=pretraining_colours(), bands=BANDS)
+        else:
+            layout = sample_layout(rng, colours=pretraining_colours(), split="pretrain")
         rgb = (rng.randrange(256), rng.randrange(256), rng.randrange(256)) if random_colours else None
         pixels[i] = np.asarray(render(layout, seed=rng.randrange(1 << 30), rgb=rgb))
         captions.append(caption(layout))
@@ -145,9 +150,9 @@ def train_dit(transformer, latents, embeds, empty, cfg: MicroPretrainConfig, g: 
 
 @torch.no_grad()
 def evaluate(pipe, count: int, seed: int, steps: int, guidance: float, colours=None):
-    """Median layout fidelity of ``count`` samples of fresh layouts (seen concepts unless ``colours``)."""
+    """Median layout fidelity of ``count`` samples of test-split captions (seen concepts unless ``colours``)."""
     rng = random.Random(seed)
-    layouts = [sample_layout(rng, colours=colours or pretraining_colours()) for _ in range(count)]
+    layouts = [sample_layout(rng, colours=colours or pretraining_colours(), split="test") for _ in range(count)]
     prompts = [caption(layout) for layout in layouts]
     images, scores = [], []
     for i, prompt in enumerate(prompts):
@@ -196,7 +201,8 @@ def pretrain_micro(cfg: MicroPretrainConfig, output: str | Path, overwrite: bool
     save_image_grid(images[:24], output / "samples.png", columns=8)
     with torch.no_grad():  # held-out colours must survive the VAE: reconstruct some
         rng = random.Random(cfg.seed + 2)
-        held = [render(sample_layout(rng, colours=HELD_OUT["colours"]), seed=i) for i in range(4)]
+        held = [render(sample_layout(rng, colours=HELD_OUT["colours"], bands=HELD_OUT["bands"]), seed=i)
+                for i in range(4)]
         held = torch.from_numpy(np.stack([np.asarray(im) for im in held])).permute(0, 3, 1, 2)
         originals = to_unit(torch.cat([pixels[:4], held]))
         recon = pipe.vae.decode(pipe.vae.encode(originals).latent_dist.mode()).sample
