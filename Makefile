@@ -15,7 +15,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml scripts/install_torch.sh scripts/install_fonts.sh scripts/install_browser.sh
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@PYTHON=$(PY) scripts/install_torch.sh
-	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,ocr,quant]'
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,ocr,quant,tensorboard]'
 	@scripts/install_fonts.sh
 	@scripts/install_browser.sh
 	@touch $(STAMP)

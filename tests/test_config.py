@@ -60,6 +60,15 @@ def _write(tmp_path: Path, text: str) -> Path:
         ("data:\n  caption_dropout: 2\n", r"data\.caption_dropout"),
         ("lora: [1, 2\n", r"c\.yaml:2: invalid YAML"),
         ("- a\n- b\n", r"top level must be a mapping"),
+        ("train:\n  stages: []\n", r"train\.stages: give at least one stage"),
+        ("train:\n  stages: [{resolution: 32}]\n", r"train\.stages\.0\.steps: Field required"),
+        ("train:\n  stages: [{resolution: 32, steps: 2, rate: 1}]\n", r"train\.stages\.0\.rate: unknown key"),
+        ("train:\n  steps: 3\n  stages: [{resolution: 32, steps: 2}]\n", r"stages add up to 2 steps"),
+        ("data:\n  validation: 0.9\n", r"data\.validation: .*between 0 and 0\.5"),
+        ("checkpoint:\n  best: fidelity\n", r"checkpoint\.best: Input should be 'val_loss', 'layout' or 'text'"),
+        ("checkpoint:\n  best: text\n", r"checkpoint\.best: text is chosen on validation"),
+        ("validation:\n  sigmas: [0, 0.5]\n", r"validation\.sigmas: give at least one sigma"),
+        ("logging:\n  trackers: [mlflow]\n", r"logging\.trackers\.0: Input should be 'tensorboard' or 'wandb'"),
     ],
 )
 def test_bad_configs_fail_naming_the_key(tmp_path, text, message):
@@ -69,14 +78,39 @@ def test_bad_configs_fail_naming_the_key(tmp_path, text, message):
     assert "c.yaml" in str(info.value)
 
 
-def test_set_overrides_and_relative_paths(tmp_path):
+def test_set_overrides_and_relative_paths(tmp_path, monkeypatch):
     path = _write(tmp_path, "data:\n  path: imgs\nlora:\n  rank: 8\n")
     cfg = load_train_config(path, ["lora.rank=32", "train.lr=5e-5", "lora.targets=[to_q, to_v]"])
     assert cfg.lora.rank == 32 and cfg.train.lr == 5e-5 and cfg.lora.targets == ["to_q", "to_v"]
     assert cfg.data.path == str((tmp_path / "imgs").resolve())
     with pytest.raises(UserError, match="expected key.sub=value"):
         load_train_config(path, ["lora.rank"])
+    # a path typed with --set is relative to where it was typed, not to the config file
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_train_config(path, ["data.path=mine", "data.cache_dir=../c"])
+    assert (cfg.data.path, cfg.data.cache_dir) == (str(elsewhere / "mine"), str(tmp_path / "c"))
     with pytest.raises(UserError, match=r"lora\.rank"):
         load_train_config(path, ["lora.rank=0"])
     with pytest.raises(UserError, match="no such file"):
         load_train_config(tmp_path / "missing.yaml")
+
+
+def test_the_micro_lora_config_trains_a_dataset_end_to_end(tmp_path, capsys, monkeypatch):
+    """configs/micro-lora.yaml, shrunk, as the README runs it: validation, best checkpoint, samples, report."""
+    from conftest import run_cli
+    from ernie_lora.data.synthetic import write_synthetic_dataset
+
+    write_synthetic_dataset(tmp_path / "data" / "my-posters", 12, "poster", 0, ("purple",))
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(["train", str(REPO / "configs" / "micro-lora.yaml"), "--set", "data.path=data/my-posters",
+                              "--output", "runs/mine", "--set", "train.steps=4", "--set", "train.warmup_steps=1",
+                              "--set", "checkpoint.every=2", "--set", "validation.every=2", "--set",
+                              "validation.samples=1", "--set", "sample.every=2", "--set", "sample.steps=2"], capsys)
+    assert code == 0, err
+    run = tmp_path / "runs" / "mine"
+    assert (tmp_path / "data" / "my-posters" / ".ernie_lora_cache").is_dir()  # the cache in the dataset folder
+    assert (run / "best" / "lora.safetensors").exists() and (run / "lora.safetensors").exists()
+    assert "| step | val_loss | layout |" in (run / "report.md").read_text()
+    assert "checkpoint" in out + err and f"report: {Path('runs/mine/report.md')}" in out

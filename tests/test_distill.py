@@ -85,6 +85,10 @@ def test_distill_with_two_teachers_resumes_exactly_and_the_student_generates(tmp
                 {"t_range": [0.0, 0.5], "guidance": 2.0}]
     straight = run_distill(_cfg(tmp_path, teachers), tmp_path / "straight", progress=False)
     assert straight.steps_done == 3 and all(np.isfinite(r["dmd_loss"]) for r in straight.history)
+    text = (tmp_path / "straight" / "report.md").read_text()
+    assert straight.report and "# Turbo distillation run straight" in text and "| dmd_loss |" in text
+    assert "Before: the base model at 2 steps without CFG" in text and "student_steps: 2" in text
+    assert (tmp_path / "straight" / "report" / "after.png").exists()
     run_distill(_cfg(tmp_path, teachers), tmp_path / "resumed", stop_after=1, progress=False)
     run_distill(_cfg(tmp_path, teachers), tmp_path / "resumed", resume=True, progress=False)
     a, meta = read_lora(tmp_path / "straight" / "lora.safetensors")

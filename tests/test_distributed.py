@@ -78,5 +78,5 @@ def test_fsdp_shards_the_base_and_trains_the_same_lora(poster_dataset, tmp_path)
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
-    assert sorted(p.name for p in (tmp_path / "fsdp" / "samples").iterdir()) == ["step-000002.png",
+    assert sorted(p.name for p in (tmp_path / "fsdp" / "samples").iterdir()) == ["step-000000.png", "step-000002.png",
                                                                                   "step-000004.png"]

@@ -106,7 +106,14 @@ def test_dpo_trains_logs_and_resumes_exactly(poster_dataset, tmp_path):
     header = (tmp_path / "straight" / "metrics.csv").read_text().splitlines()[0]
     assert header == "step,loss,dpo_loss,accuracy,margin,chosen_vs_ref,rejected_vs_ref,rejected_scale,lr,grad_norm"
     assert (tmp_path / "straight" / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+    # the report: curves, the reference (before) and the aligned LoRA (after) on pair prompts, the config
+    assert straight.report == tmp_path / "straight" / "report.md"
+    text = straight.report.read_text()
+    assert "# DPO run straight" in text and "4 steps in" in text and "| dpo_loss |" in text and "beta:" in text
+    assert (tmp_path / "straight" / "report" / "before.png").exists()
+    assert (tmp_path / "straight" / "report.png").exists()
     run_dpo(_cfg(pairs, tmp_path), tmp_path / "resumed", stop_after=2, progress=False)
+    assert not (tmp_path / "resumed" / "report.md").exists()  # a report is written when a run ends
     run_dpo(_cfg(pairs, tmp_path), tmp_path / "resumed", resume=True, progress=False)
     a, _ = read_lora(tmp_path / "straight" / "lora.safetensors")
     b, meta = read_lora(tmp_path / "resumed" / "lora.safetensors")

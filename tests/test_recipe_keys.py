@@ -22,6 +22,8 @@ CHANGES = {
     "mixed_precision": "bf16", "gradient_checkpointing": True, "compile": True, "seed": 4, "device": "cuda",
     "timesteps.sampling": "uniform", "timesteps.logit_mean": 1.5, "timesteps.logit_std": 0.3,
     "timesteps.shift": "none", "fsdp": True,
+    # two stages adding up to BASE's 2 steps, the second at its own lr
+    "stages": [{"resolution": 32, "steps": 1}, {"resolution": 32, "steps": 1, "lr": 0.05}],
 }
 # refused on this CPU machine, with the line users get
 REFUSED = {"optimizer": "adamw8bit needs", "device": "has no CUDA GPU"}

@@ -33,8 +33,13 @@ def test_run_writes_lora_plots_samples_and_keeps_last_checkpoints(poster_dataset
     run = tmp_path / "run"
     assert result.steps_done == 6
     assert Image.open(run / "metrics.png").format == "PNG"
-    assert [p.name for p in sorted((run / "samples").glob("*.png"))] == ["step-000003.png", "step-000006.png"]
+    # step 0 is the base's samples: the report's "before"
+    assert [p.name for p in sorted((run / "samples").glob("*.png"))] == ["step-000000.png", "step-000003.png",
+                                                                          "step-000006.png"]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000004", "step-000006"]
+    report = (run / "report.md").read_text()
+    assert "6 steps" in report and "samples/step-000000.png" not in report and "lora.safetensors" in report
+    assert Image.open(run / "report.png").size[1] > 300  # curves and the before/after grid
     rows = (run / "metrics.csv").read_text().splitlines()
     assert rows[0] == "step,loss,lr,grad_norm" and len(rows) == 7
     tensors, meta = read_lora(run / "lora.safetensors")
@@ -150,7 +155,7 @@ def test_shipped_tiny_config_trains_from_the_repo(tmp_path):
     result = train(cfg, tmp_path / "run", progress=False)
     assert result.steps_done == cfg.train.steps
     assert (tmp_path / "run" / "lora.safetensors").exists() and (tmp_path / "run" / "metrics.png").exists()
-    assert len(list((tmp_path / "run" / "samples").glob("*.png"))) == 2
+    assert len(list((tmp_path / "run" / "samples").glob("*.png"))) == 3  # steps 0, 6 and 12
 
 
 def test_gradient_checkpointing_trains_the_same_lora(poster_dataset, tmp_path):
@@ -177,3 +182,39 @@ def test_bf16_base_with_bf16_autocast_trains_fp32_lora_weights(poster_dataset, t
     pipe.load_lora_weights(str(tmp_path / "run" / "lora.safetensors"))  # loads into a bf16 pipeline
     image = pipe("x", height=32, width=32, num_inference_steps=2, output_type="np").images
     assert image.shape == (1, 32, 32, 3)
+
+
+def test_an_assistant_lora_trains_on_the_base_with_it_fused_and_stays_out_of_the_file(poster_dataset, tmp_path):
+    """model.assistant_lora (a Turbo LoRA, say) = training on a base folder with that LoRA fused into it; the
+    written LoRA holds only what was trained, and strength 0 is the plain base."""
+    from ernie_lora.lora.adapters import add_lora, lora_state_dict, peft_config_metadata, resolve_targets
+    from ernie_lora.lora.files import save_lora
+    from ernie_lora.lora.formats import read_lora_file
+    from ernie_lora.lora.tools import fuse_into
+
+    torch.manual_seed(5)
+    model = ERNIE_IMAGE.load_transformer("tiny", dtype="fp32")
+    config = add_lora(model, 4, 4.0, resolve_targets(model, "attn"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    assistant = tmp_path / "turbo.safetensors"
+    save_lora(assistant, lora_state_dict(model), peft_config_metadata(config))
+    pipe = build_tiny_pipeline(0)
+    fuse_into(pipe.transformer, read_lora_file(assistant).modules, 1.0)
+    pipe.save_pretrained(tmp_path / "fused-base")
+
+    def run(out: str, **model_keys) -> dict:
+        cfg = tiny_config(poster_dataset, tmp_path / f"cache-{out}", model={"name": "tiny", "dtype": "fp32",
+                                                                           **model_keys})
+        train(cfg, tmp_path / out, progress=False)
+        return read_lora(tmp_path / out / "lora.safetensors")[0]
+
+    with_assistant = run("assistant", assistant_lora=str(assistant))
+    on_fused = run("fused", name=str(tmp_path / "fused-base"))
+    plain, zero = run("plain"), run("zero", assistant_lora=str(assistant), assistant_strength=0.0)
+    assert with_assistant.keys() == plain.keys()  # the trained modules only
+    assert all(torch.equal(with_assistant[k], on_fused[k]) for k in plain)
+    assert all(torch.equal(zero[k], plain[k]) for k in plain)
+    assert not all(torch.equal(with_assistant[k], plain[k]) for k in plain)

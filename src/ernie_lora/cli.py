@@ -40,6 +40,25 @@ def _quiet_libraries() -> None:
 
 
 FORCE_HELP = "with --resume: continue even though the config differs from the run's (or its config.yaml is gone)"
+PROGRESS_HELP = ("bar: a progress bar and a line per file written; json: one JSON object per line on stdout for "
+                 "every step and event (checkpoint, samples, validation, lora, report, done); off: neither")
+
+
+def _check_progress(progress: str) -> str:
+    if progress not in ("bar", "json", "off"):
+        raise typer.BadParameter(f"{progress!r}: choose bar, json or off", param_hint="--progress")
+    return progress
+
+
+def _done(progress: str, text: list[str], **fields) -> None:
+    """The closing lines; in json mode one ``done`` event instead, so stdout stays JSON."""
+    if progress == "json":
+        import json
+
+        print(json.dumps({"event": "done", **fields}, default=str), flush=True)
+    else:
+        for line in text:
+            typer.echo(line)
 
 
 @app.command()
@@ -50,6 +69,7 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace the run already in --output"),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     set_: list[str] = typer.Option([], "--set", help="override a config key: --set train.lr=5e-5"),
+    progress: str = typer.Option("bar", "--progress", help=PROGRESS_HELP, callback=_check_progress),
 ) -> None:
     """Train a LoRA from a YAML config."""
     from .config import load_train_config
@@ -58,10 +78,12 @@ def train(
     cfg = load_train_config(config, set_)
     output = output or Path("runs") / config.stem
     _quiet_libraries()
-    result = run_train(cfg, output, resume=resume, overwrite=overwrite, force=force)
+    result = run_train(cfg, output, resume=resume, overwrite=overwrite, force=force, progress=progress)
     loss = "n/a" if result.final_loss is None else f"{result.final_loss:.4f}"
-    typer.echo(f"done: {result.steps_done} steps, final loss {loss}")
-    typer.echo(f"LoRA: {result.output / 'lora.safetensors'}  metrics: {result.output / 'metrics.png'}")
+    lora = result.output / "lora.safetensors"
+    _done(progress, [f"done: {result.steps_done} steps, final loss {loss}",
+                     f"LoRA: {lora}  report: {result.output / 'report.md'}"],
+          steps=result.steps_done, loss=result.final_loss, lora=lora, report=result.report)
 
 
 @app.command()
@@ -72,6 +94,7 @@ def dpo(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace the run already in --output"),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     set_: list[str] = typer.Option([], "--set", help="override a config key: --set dpo.beta=1000"),
+    progress: str = typer.Option("bar", "--progress", help=PROGRESS_HELP, callback=_check_progress),
 ) -> None:
     """Align a LoRA with preference pairs (Diffusion-DPO on the flow-matching target).
 
@@ -85,16 +108,19 @@ def dpo(
     if cfg.proof is not None:
         from .proofs import dpo_proof
 
-        dpo_proof(cfg, output, resume=resume, overwrite=overwrite, force=force)
-        typer.echo(f"LoRA: {output / 'run' / 'lora.safetensors'}  report: {output / 'report.md'}")
+        dpo_proof(cfg, output, resume=resume, overwrite=overwrite, force=force, progress=progress)
+        _done(progress, [f"LoRA: {output / 'run' / 'lora.safetensors'}  report: {output / 'report.md'}"],
+              lora=output / "run" / "lora.safetensors", report=output / "report.md")
         return
     from .recipes.dpo import run_dpo
 
-    result = run_dpo(cfg, output, resume=resume, overwrite=overwrite, force=force)
+    result = run_dpo(cfg, output, resume=resume, overwrite=overwrite, force=force, progress=progress)
     last = result.history[-1] if result.history else {}
-    typer.echo(f"done: {result.steps_done} steps, loss {last.get('loss', float('nan')):.4f}, implicit accuracy "
-               f"{last.get('accuracy', float('nan')):.2f}")
-    typer.echo(f"LoRA: {result.output / 'lora.safetensors'}  metrics: {result.output / 'metrics.png'}")
+    lora = result.output / "lora.safetensors"
+    _done(progress, [f"done: {result.steps_done} steps, loss {last.get('loss', float('nan')):.4f}, implicit "
+                     f"accuracy {last.get('accuracy', float('nan')):.2f}", f"LoRA: {lora}  report: {result.report}"],
+          steps=result.steps_done, loss=last.get("loss"), accuracy=last.get("accuracy"), lora=lora,
+          report=result.report)
 
 
 @app.command()
@@ -105,6 +131,7 @@ def distill(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace the run already in --output"),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     set_: list[str] = typer.Option([], "--set", help="override a config key: --set distill.student_steps=4"),
+    progress: str = typer.Option("bar", "--progress", help=PROGRESS_HELP, callback=_check_progress),
 ) -> None:
     """Distil a few-step Turbo LoRA (DMD2-style, teachers by timestep range).
 
@@ -118,14 +145,16 @@ def distill(
     if cfg.proof is not None:
         from .proofs import distill_proof
 
-        distill_proof(cfg, output, resume=resume, overwrite=overwrite, force=force)
-        typer.echo(f"student LoRA {output / 'run' / 'lora.safetensors'} ({hint}); report {output / 'report.md'}")
+        distill_proof(cfg, output, resume=resume, overwrite=overwrite, force=force, progress=progress)
+        _done(progress, [f"student LoRA {output / 'run' / 'lora.safetensors'} ({hint}); report {output / 'report.md'}"],
+              lora=output / "run" / "lora.safetensors", report=output / "report.md")
         return
     from .recipes.distill import run_distill
 
-    result = run_distill(cfg, output, resume=resume, overwrite=overwrite, force=force)
-    typer.echo(f"done: {result.steps_done} steps; student LoRA {result.output / 'lora.safetensors'} ({hint}); "
-               f"metrics {result.output / 'metrics.png'}")
+    result = run_distill(cfg, output, resume=resume, overwrite=overwrite, force=force, progress=progress)
+    lora = result.output / "lora.safetensors"
+    _done(progress, [f"done: {result.steps_done} steps; student LoRA {lora} ({hint}); report {result.report}"],
+          steps=result.steps_done, lora=lora, report=result.report)
 
 
 @app.command()

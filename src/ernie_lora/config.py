@@ -39,6 +39,10 @@ class LoraModelConfig(ModelConfig):
     # frozen weights of this many transformer blocks stay in CPU memory, copied in per block (see
     # models/block_swap.py): for GPUs smaller than the base; costs transfer time, not quality
     block_swap: int = Field(0, ge=0)
+    # a LoRA fused into the frozen base before training, never into the output (e.g. a Turbo LoRA: the new
+    # LoRA then learns on the few-step student it will be used with); any layout `generate --lora` reads
+    assistant_lora: str | None = None
+    assistant_strength: float = 1.0
 
     @model_validator(mode="after")
     def _swap_unquantized(self) -> LoraModelConfig:
@@ -67,6 +71,17 @@ class DataConfig(_Strict):
     caption_styles: list[Literal["natural", "keyword", "instruction"]] = ["natural"]
     cache_dir: str | None = None  # default: <dataset>/.ernie_lora_cache
     sampling: SamplingConfig = SamplingConfig()
+    # held out of training for validation: a folder of images and captions (relative to this file), or a
+    # share of the dataset (0 < f < 0.5) drawn with validation_seed; None: no validation
+    validation: str | float | None = None
+    validation_seed: int = 0
+
+    @field_validator("validation")
+    @classmethod
+    def _validation_share(cls, v: str | float | None) -> str | float | None:
+        if isinstance(v, float) and not 0.0 < v < 0.5:
+            raise ValueError(f"a share of the dataset must be between 0 and 0.5 (got {v}); or give a folder")
+        return v
 
     @field_validator("caption_styles")
     @classmethod
@@ -126,10 +141,30 @@ class FlowTrainConfig(TrainConfig):
     timesteps: TimestepConfig = TimestepConfig()
 
 
+class StageConfig(_Strict):
+    """One stage of a resolution curriculum; lr, batch size and accumulation default to train's."""
+
+    resolution: int = Field(gt=0)
+    steps: int = Field(gt=0)
+    lr: float | None = Field(None, gt=0)
+    batch_size: int | None = Field(None, gt=0)
+    grad_accum: int | None = Field(None, gt=0)
+
+
 class LoraTrainConfig(FlowTrainConfig):
     # with several processes: shard the frozen base over them (FSDP2), each GPU holds 1/N of its
     # weights; the LoRA stays whole on every GPU and its gradients are averaged as without FSDP
     fsdp: bool = False
+    # a resolution curriculum (the ERNIE-Image report's 256 -> 512 -> 1024): stages trained in order, one
+    # LR schedule over all of them; train.steps is their sum and data.resolution their largest
+    stages: list[StageConfig] | None = None
+
+    @field_validator("stages")
+    @classmethod
+    def _some_stages(cls, v: list[StageConfig] | None) -> list[StageConfig] | None:
+        if v is not None and not v:
+            raise ValueError("give at least one stage, or leave train.stages out")
+        return v
 
 
 class DpoTrainConfig(FlowTrainConfig):
@@ -149,6 +184,35 @@ class DistillTrainConfig(TrainConfig):
 class CheckpointConfig(_Strict):
     every: int = Field(250, gt=0)
     keep: int = Field(3, gt=0)
+    # also keep RUN/best/: the LoRA of the validation with the lowest val_loss, or the highest layout or
+    # text score of its samples (needs data.validation; the score needs validation.samples)
+    best: Literal["val_loss", "layout", "text"] | None = None
+
+
+class ValidationConfig(_Strict):
+    """What a validation measures (on data.validation), every ``every`` steps and at the end."""
+
+    every: int = Field(250, ge=0)  # 0: at the end only
+    # the loss at these sigmas with noise fixed by data.validation_seed: comparable across steps and runs
+    sigmas: list[float] = [0.1, 0.3, 0.5, 0.7, 0.9]
+    samples: int = Field(4, ge=0)  # validation captions sampled and scored (the sample section's settings)
+    # layout: the layout score where a caption is in the layout language; text: OCR recall of quoted text
+    scores: list[Literal["layout", "text"]] = ["layout"]
+
+    @field_validator("sigmas")
+    @classmethod
+    def _sigmas_in_range(cls, v: list[float]) -> list[float]:
+        if not v or not all(0.0 < s < 1.0 for s in v):
+            raise ValueError("give at least one sigma, each strictly between 0 and 1")
+        return v
+
+
+class LoggingConfig(_Strict):
+    """Trackers besides metrics.csv: TensorBoard (RUN/logs/, `pip install 'ernie-lora[tensorboard]'`) and
+    Weights & Biases (`wandb`), through accelerate's trackers."""
+
+    trackers: list[Literal["tensorboard", "wandb"]] = []
+    project: str = "ernie-lora"  # the W&B project
 
 
 class SampleConfig(_Strict):
@@ -170,13 +234,16 @@ class ProvenanceConfig(_Strict):
 
 
 class TrainRunConfig(_Strict):
-    PATHS: ClassVar[tuple[str, ...]] = ("data.path", "data.cache_dir", "data.sampling.aesthetic", "lora.init_from")
+    PATHS: ClassVar[tuple[str, ...]] = ("data.path", "data.cache_dir", "data.sampling.aesthetic", "data.validation",
+                                        "lora.init_from", "model.assistant_lora")
     model: LoraModelConfig = LoraModelConfig()
     data: DataConfig = DataConfig()
     lora: LoraConfig = LoraConfig()
     train: LoraTrainConfig = LoraTrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     sample: SampleConfig = SampleConfig()
+    validation: ValidationConfig = ValidationConfig()
+    logging: LoggingConfig = LoggingConfig()
     provenance: ProvenanceConfig = ProvenanceConfig()
 
     @model_validator(mode="after")
@@ -184,6 +251,32 @@ class TrainRunConfig(_Strict):
         if self.train.fsdp and (self.model.block_swap or self.model.quantize != "none"):
             raise ValueError("train.fsdp: shards an unquantised base held on the GPUs; "
                              "set model.quantize: none and model.block_swap: 0 (or train.fsdp: false)")
+        return self
+
+    @model_validator(mode="after")
+    def _stages_set_steps_and_resolution(self) -> TrainRunConfig:
+        stages = self.train.stages
+        if not stages:
+            return self
+        total, largest = sum(s.steps for s in stages), max(s.resolution for s in stages)
+        if "steps" in self.train.model_fields_set and self.train.steps != total:
+            raise ValueError(f"train.steps: {self.train.steps}, but train.stages add up to {total} steps; "
+                             "leave train.steps out with stages")
+        if "resolution" in self.data.model_fields_set and self.data.resolution != largest:
+            raise ValueError(f"data.resolution: {self.data.resolution}, but the largest stage is {largest}; "
+                             "leave data.resolution out with stages")
+        # set without validation on assignment: these are derived, not the user's keys
+        object.__setattr__(self.train, "steps", total)
+        object.__setattr__(self.data, "resolution", largest)
+        return self
+
+    @model_validator(mode="after")
+    def _best_needs_validation(self) -> TrainRunConfig:
+        best = self.checkpoint.best
+        if best and self.data.validation is None:
+            raise ValueError(f"checkpoint.best: {best} is chosen on validation; set data.validation")
+        if best in ("layout", "text") and (not self.validation.samples or best not in self.validation.scores):
+            raise ValueError(f"checkpoint.best: {best} needs validation.samples > 0 and {best} in validation.scores")
         return self
 
 
@@ -248,6 +341,7 @@ class DpoRunConfig(_Strict):
     dpo: DpoConfig = DpoConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     proof: ProofConfig | None = None
+    logging: LoggingConfig = LoggingConfig()
     provenance: ProvenanceConfig = ProvenanceConfig()
 
     @model_validator(mode="after")
@@ -309,6 +403,7 @@ class DistillRunConfig(_Strict):
     train: DistillTrainConfig = DistillTrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     proof: DistillProofConfig | None = None
+    logging: LoggingConfig = LoggingConfig()
     provenance: ProvenanceConfig = ProvenanceConfig()
 
     @model_validator(mode="after")
@@ -403,7 +498,7 @@ def _resolve(cfg: BaseModel, dotted: str, base: Path) -> None:
     for part in parents:
         node = getattr(node, part)
     value = getattr(node, attr)
-    if value and not Path(value).is_absolute():
+    if isinstance(value, str) and value and not Path(value).is_absolute():
         setattr(node, attr, str((base / value).resolve()))
 
 
@@ -416,14 +511,16 @@ def _resolve_model_name(model: BaseModelConfig, base: Path) -> None:
 
 def load_run_config(path: str | Path, model: type[_M], overrides: list[str] | None = None) -> _M:
     """A recipe's YAML: validated, and its relative paths (``PATHS``, teachers' LoRAs, a local model
-    folder) resolved against the file's folder."""
+    folder) resolved against the file's folder; a path given with ``--set`` against the current folder,
+    where the user typed it."""
     path = Path(path)
     cfg = load_yaml_model(path, model, overrides)
+    typed = {item.split("=", 1)[0].strip() for item in overrides or [] if "=" in item}
     for dotted in model.PATHS:
-        _resolve(cfg, dotted, path.parent)
+        _resolve(cfg, dotted, Path.cwd() if dotted in typed else path.parent)
     for teacher in getattr(cfg, "teachers", []):
         _resolve(teacher, "lora", path.parent)
-    _resolve_model_name(cfg.model, path.parent)
+    _resolve_model_name(cfg.model, Path.cwd() if "model.name" in typed else path.parent)
     return cfg
 
 

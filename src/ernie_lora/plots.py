@@ -110,3 +110,28 @@ def save_stats_chart(stats: list, path: Path) -> Path:
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
     return path
+
+
+def panels_image(panels: list[tuple[str, list[int], list[float], bool]]) -> Image.Image:
+    """Small line plots, three to a row, as an image: (title, steps, values, marked) per panel; marked
+    panels (validations, a few points) get dots."""
+    import math
+
+    columns = min(3, max(1, len(panels)))
+    rows = max(1, math.ceil(len(panels) / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 2.8 * rows), dpi=100, squeeze=False)
+    for ax, (name, steps, values, marked) in zip(axes.flat, panels, strict=False):
+        finite = [(s, v) for s, v in zip(steps, values, strict=True) if math.isfinite(v)]
+        if finite:
+            ax.plot(*zip(*finite, strict=True), color="#3a6ea5" if marked else "#9ab", marker="o" if marked else None,
+                    markersize=3, linewidth=1)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.canvas.draw()
+    image = Image.frombuffer("RGBA", fig.canvas.get_width_height(), fig.canvas.buffer_rgba()).convert("RGB")
+    plt.close(fig)
+    return image

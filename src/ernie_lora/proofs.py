@@ -125,7 +125,7 @@ def write_synthetic_pairs(folder: str | Path, *, model: str, kind: str, prompts:
 
 
 def dpo_proof(cfg: DpoRunConfig, output: str | Path, *, resume: bool = False, overwrite: bool = False,
-              force: bool = False, progress: bool = True) -> dict:
+              force: bool = False, progress: bool | str = True) -> dict:
     """Pairs from samples of the model DPO starts from (the base, or base + ``lora.init_from``, or a concept
     LoRA the proof trains first) on train-split prompts, ranked by the layout score; DPO on them; then the
     start vs SFT-on-chosen vs DPO on prompts of ``proof.split``, the same noise for each, with paired-bootstrap
@@ -272,7 +272,7 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def distill_proof(cfg: DistillRunConfig, output: str | Path, *, resume: bool = False, overwrite: bool = False,
-                  force: bool = False, progress: bool = True) -> dict:
+                  force: bool = False, progress: bool | str = True) -> dict:
     """Distil, then the teacher at its full step count, the student and the base at each of ``proof.steps``
     on prompts of ``proof.split`` (none a training prompt): the layout scores, paired-bootstrap intervals of
     the student against the better base at its step count, and the Frechet distance of image statistics

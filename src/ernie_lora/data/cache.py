@@ -92,23 +92,49 @@ def build_caches(
     ``wordings(caption)`` lists the texts to embed for a caption (e.g. the caption in each training
     style); by default the caption itself.
     """
+    cached, groups = build_cache_groups([(items, buckets)], cache_dir, model, crop=crop, prompts=prompts,
+                                        vae_dtype=vae_dtype, text_dtype=text_dtype, device=device, revision=revision,
+                                        wordings=wordings)
+    cached.samples = groups[0]
+    return cached
+
+
+def build_cache_groups(
+    groups: list[tuple[list[Item], list[Bucket]]],
+    cache_dir: Path,
+    model: str,
+    *,
+    crop: str = "center",
+    prompts: list[str] | None = None,
+    vae_dtype: str = "fp32",
+    text_dtype: str = "bf16",
+    device: str | torch.device = "cpu",
+    revision: str | None = None,
+    wordings: Callable[[str], list[str]] | None = None,
+) -> tuple[CachedDataset, list[list[CachedSample]]]:
+    """``build_caches`` for several (items, buckets) groups at once (the stages of a resolution curriculum,
+    a validation set): one pass, one progress bar per encoder. Returns the shared part (the empty and
+    prompt embeddings, counts) and each group's samples."""
     cache_dir = Path(cache_dir)
     family = family_for(model)
     vae_fp = family.fingerprint(model, "vae", revision)
     te_fp = family.fingerprint(model, "text_encoder", revision)
 
-    planned = []
-    for item in items:
-        bucket = nearest_bucket(item.width, item.height, buckets)
-        lat = cache_dir / "latents" / f"{latent_key(item, vae_fp, bucket, crop)}.safetensors"
-        planned.append((item, bucket, lat))
+    planned: list[list[tuple[Item, Bucket, Path]]] = []
+    for items, buckets in groups:
+        planned.append([])
+        for item in items:
+            bucket = nearest_bucket(item.width, item.height, buckets)
+            lat = cache_dir / "latents" / f"{latent_key(item, vae_fp, bucket, crop)}.safetensors"
+            planned[-1].append((item, bucket, lat))
+    every = [entry for group in planned for entry in group]
 
     wordings = wordings or (lambda caption: [caption])
-    worded = {item.caption: wordings(item.caption) for item in items}
+    worded = {item.caption: wordings(item.caption) for item, _, _ in every}
     texts = sorted({t for variants in worded.values() for t in variants} | {""} | set(prompts or []))
     text_files = {t: cache_dir / "text" / f"{text_key(t, te_fp)}.safetensors" for t in texts}
 
-    todo = [(item, bucket, lat) for item, bucket, lat in planned if not lat.exists()]
+    todo = list({lat: (item, bucket, lat) for item, bucket, lat in every if not lat.exists()}.values())
     if todo:
         pipe = family.load_pipeline(model, dtype=vae_dtype, device=device, components=("vae",), revision=revision)
         for item, bucket, lat in tqdm(todo, desc="caching latents", unit="img"):
@@ -130,17 +156,12 @@ def build_caches(
         del pipe  # training runs with the text encoder unloaded
         _release_memory()
 
-    samples = [
-        CachedSample(lat, [text_files[t] for t in worded[item.caption]], bucket, item.caption, item.image)
-        for item, bucket, lat in planned
-    ]
-    return CachedDataset(
-        samples=samples,
-        empty_text_file=text_files[""],
-        prompt_files={p: text_files[p] for p in (prompts or [])},
-        encoded_latents=len(todo),
-        encoded_texts=len(missing_texts),
-    )
+    samples = [[CachedSample(lat, [text_files[t] for t in worded[item.caption]], bucket, item.caption, item.image)
+                for item, bucket, lat in group] for group in planned]
+    shared = CachedDataset(samples=[], empty_text_file=text_files[""],
+                           prompt_files={p: text_files[p] for p in (prompts or [])}, encoded_latents=len(todo),
+                           encoded_texts=len(missing_texts))
+    return shared, samples
 
 
 def load_latent(path: Path) -> torch.Tensor:

@@ -12,10 +12,11 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import DistillRunConfig
+from ..config import DistillRunConfig, SampleConfig
 from ..data.cache import build_caches, load_embedding
 from ..data.synthetic import pretraining_colours, split_captions
 from ..errors import UserError
@@ -23,6 +24,7 @@ from ..lora.adapters import export_adapter
 from ..models import family_for
 from . import engine
 from .dmd import FAKE, STUDENT, DistributionMatching
+from .report import sample_before_after, write_run_report
 
 METRICS = ("dmd_loss", "fake_loss", "student_step", "regression_loss")
 PLOT = ("distillation: DMD loss, fake-score loss, student gradient", ("dmd_loss", "fake_loss", "grad_norm",
@@ -35,10 +37,12 @@ class DistillResult:
     steps_done: int
     history: list[dict]
     setup: dict
+    report: Path | None = None
 
 
 def run_distill(cfg: DistillRunConfig, output: str | Path, *, resume: bool = False, overwrite: bool = False,
-                force: bool = False, stop_after: int | None = None, progress: bool = True) -> DistillResult:
+                force: bool = False, stop_after: int | None = None, progress: bool | str = True) -> DistillResult:
+    started = time.perf_counter()
     run = engine.open_run(output, cfg, "distill", resume=resume, overwrite=overwrite, force=force)
     family, tcfg, dcfg = family_for(cfg.model.name), cfg.train, cfg.distill
     prompts = distill_prompts(cfg)
@@ -49,8 +53,9 @@ def run_distill(cfg: DistillRunConfig, output: str | Path, *, resume: bool = Fal
     if cfg.data.resolution % multiple:
         raise UserError(f"data.resolution: {cfg.data.resolution} must be a multiple of {multiple}")
     model = engine.setup_model(run, family, cfg.model, cfg.lora, tcfg)
-    dmd = DistributionMatching(cfg, model, [load_embedding(cached.prompt_files[p]) for p in prompts],
-                               load_embedding(cached.empty_text_file), run.device, multiple)
+    embeddings = [load_embedding(cached.prompt_files[p]) for p in prompts]
+    empty = load_embedding(cached.empty_text_file)
+    dmd = DistributionMatching(cfg, model, embeddings, empty, run.device, multiple)
     optimisation = engine.make_optimisation(model.params, tcfg)
     checkpoints = engine.Checkpoints(
         run, cfg.checkpoint.every, cfg.checkpoint.keep, tcfg.steps, model,
@@ -68,16 +73,35 @@ def run_distill(cfg: DistillRunConfig, output: str | Path, *, resume: bool = Fal
             return dmd.regression_step(scale)
         return dmd.dmd_step(scale)
 
-    bar = engine.Progress(run, tcfg.steps, step, progress)
+    bar = engine.Progress(run, tcfg.steps, step, progress, engine.Trackers(run, cfg.logging, cfg))
     step = engine.train_steps(run, tcfg, step, micro_step, model, optimisation, checkpoints, log, bar,
                               ("dmd_loss", "fake_loss"), PLOT, stop_after=stop_after)
-    bar.close()
     log.close()
+    report = None
     if step >= tcfg.steps:
         metadata = engine.lora_metadata(cfg, "distill", family, model, step, student_steps=dcfg.student_steps,
                                         guidance=1.0, teachers=[t.model_dump(mode="json") for t in cfg.teachers])
-        export_adapter(run.output / "lora.safetensors", model.transformer, model.peft_config, metadata, STUDENT)
-    return DistillResult(run.output, step, log.history, model.setup)
+        lora = export_adapter(run.output / "lora.safetensors", model.transformer, model.peft_config, metadata, STUDENT)
+        bar.note(f"step {step}: LoRA {lora}", event="lora", step=step, path=lora)
+        report = _report(cfg, run, family, model, dmd, prompts[:4], embeddings[:4], empty, started, step, log.history)
+        bar.note(f"report {report}", event="report", path=report)
+    bar.close()
+    return DistillResult(run.output, step, log.history, model.setup, report)
+
+
+def _report(cfg: DistillRunConfig, run: engine.Run, family, model: engine.TrainedModel, dmd: DistributionMatching,
+            prompts: list[str], embeddings: list, empty, started: float, step: int, history: list[dict]) -> Path:
+    """The report: before is the base, after the student, both at the student's steps without CFG."""
+    steps = cfg.distill.student_steps
+    sampler = engine.Sampler(family, cfg.model, SampleConfig(steps=steps, guidance=1.0), embeddings, empty,
+                             model.transformer, run.device, cfg.data.resolution, labels=[p[:60] for p in prompts])
+    with dmd.adapters.use(STUDENT):
+        pair = sample_before_after(run.output / "report", sampler, dmd.adapters.use(None), prompts)
+    return write_run_report(run.output, cfg, title=f"Turbo distillation run {run.output.name}", started=started,
+                            steps=step, history=history, plotted=PLOT[1], before_after=pair,
+                            notes=[f"Before: the base model at {steps} steps without CFG; after: the base with the "
+                                   f"student LoRA, same prompts and seeds.", ""],
+                            files={"LoRA": run.output / "lora.safetensors", "metrics": run.output / "metrics.csv"})
 
 
 def distill_prompts(cfg: DistillRunConfig) -> list[str]:

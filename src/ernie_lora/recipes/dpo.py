@@ -19,13 +19,14 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ..config import DpoRunConfig
+from ..config import DpoRunConfig, SampleConfig
 from ..data.batches import BucketBatches
 from ..data.buckets import make_buckets
 from ..data.cache import build_caches, load_embedding, load_latent
@@ -36,6 +37,7 @@ from ..flow import noisy_latents, sample_sigmas, velocity_target
 from ..lora.adapters import export_adapter
 from ..models import ErnieImageFamily, family_for
 from . import engine
+from .report import sample_before_after, write_run_report
 
 METRICS = ("loss", "dpo_loss", "accuracy", "margin", "chosen_vs_ref", "rejected_vs_ref", "rejected_scale")
 PLOT_TITLE = "DPO: loss, implicit accuracy, reward margin, errors vs the reference"
@@ -47,6 +49,7 @@ class DpoResult:
     steps_done: int
     history: list[dict]
     setup: dict
+    report: Path | None = None
 
 
 def dpo_loss(err_w: torch.Tensor, err_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor,
@@ -88,12 +91,13 @@ class ReferenceWeights:
 
 
 def run_dpo(cfg: DpoRunConfig, output: str | Path, *, resume: bool = False, overwrite: bool = False,
-            force: bool = False, stop_after: int | None = None, progress: bool = True) -> DpoResult:
+            force: bool = False, stop_after: int | None = None, progress: bool | str = True) -> DpoResult:
     if cfg.data.pairs is None:
         raise UserError("data.pairs: no pairs file (a proof section makes one: ernie-lora dpo with proof:)")
+    started = time.perf_counter()
     run = engine.open_run(output, cfg, "dpo", resume=resume, overwrite=overwrite, force=force)
     family = family_for(cfg.model.name)
-    samples = prepare_pairs(cfg, run, family)
+    samples, empty = prepare_pairs(cfg, run, family)
     tcfg = cfg.train
     model = engine.setup_model(run, family, cfg.model, cfg.lora, tcfg, quantize=cfg.model.quantize)
     reference = ReferenceWeights(model.transformer)  # the starting weights: the base when B = 0
@@ -107,16 +111,32 @@ def run_dpo(cfg: DpoRunConfig, output: str | Path, *, resume: bool = False, over
     log = engine.MetricsLog(run, (*METRICS, "lr", "grad_norm"), step)
     engine.start_run(run, cfg)
     micro_step = PreferenceStep(cfg, run, family, model, reference, batches, generator)
-    bar = engine.Progress(run, tcfg.steps, step, progress)
+    bar = engine.Progress(run, tcfg.steps, step, progress, engine.Trackers(run, cfg.logging, cfg))
     step = engine.train_steps(run, tcfg, step, micro_step, model, optimisation, checkpoints, log, bar,
                               ("loss", "accuracy"), (PLOT_TITLE, METRICS), stop_after=stop_after)
-    bar.close()
     log.close()
+    report = None
     if step >= tcfg.steps:
         metadata = engine.lora_metadata(cfg, "dpo", family, model, step, pairs=len(samples), beta=cfg.dpo.beta,
                                         sft_weight=cfg.dpo.sft_weight, rejected_scale=cfg.dpo.rejected_scale)
-        export_adapter(run.output / "lora.safetensors", model.transformer, model.peft_config, metadata)
-    return DpoResult(run.output, step, log.history, model.setup)
+        lora = export_adapter(run.output / "lora.safetensors", model.transformer, model.peft_config, metadata)
+        bar.note(f"step {step}: LoRA {lora}", event="lora", step=step, path=lora)
+        # before / after: the LoRA's starting weights (the reference) and the trained ones, on pair prompts
+        prompts = list(dict.fromkeys(s.chosen.caption for s in samples))[:4]
+        texts = {s.chosen.caption: load_embedding(s.chosen.text_file) for s in samples}
+        sampler = engine.Sampler(family, cfg.model, SampleConfig(), [texts[p] for p in prompts], empty,
+                                 model.transformer, run.device, cfg.data.resolution,
+                                 labels=[p[:60] for p in prompts])
+        pair = sample_before_after(run.output / "report", sampler, reference.active(), prompts)
+        report = write_run_report(run.output, cfg, title=f"DPO run {run.output.name}", started=started, steps=step,
+                                  history=log.history, plotted=METRICS, before_after=pair,
+                                  notes=[f"{len(samples)} pairs; beta {cfg.dpo.beta:g}, SFT anchor "
+                                         f"{cfg.dpo.sft_weight:g}. Before: the LoRA's starting weights (the "
+                                         "reference), after: the aligned LoRA, same prompts and seeds.", ""],
+                                  files={"LoRA": lora, "metrics": run.output / "metrics.csv"})
+        bar.note(f"report {report}", event="report", path=report)
+    bar.close()
+    return DpoResult(run.output, step, log.history, model.setup, report)
 
 
 class PreferenceStep:
@@ -178,8 +198,10 @@ class PreferenceStep:
         return s
 
 
-def prepare_pairs(cfg: DpoRunConfig, run: engine.Run, family: ErnieImageFamily) -> list[PairSample]:
-    """Read the pairs, cache both images' latents and the prompts' embeddings; each pair in one bucket."""
+def prepare_pairs(cfg: DpoRunConfig, run: engine.Run, family: ErnieImageFamily
+                  ) -> tuple[list[PairSample], torch.Tensor]:
+    """Read the pairs, cache both images' latents and the prompts' embeddings; each pair in one bucket. Returns
+    the pairs and the empty prompt's embedding (the samples' CFG negative)."""
     multiple = family.pixel_multiple(cfg.model.name, cfg.model.revision)
     buckets = make_buckets(cfg.data.resolution, cfg.data.bucket_multiple or multiple, cfg.data.max_aspect_ratio)
     pairs_file = Path(cfg.data.pairs)
@@ -189,4 +211,4 @@ def prepare_pairs(cfg: DpoRunConfig, run: engine.Run, family: ErnieImageFamily) 
     cached = build_caches(chosen_items + rejected_items, buckets, cache_dir, cfg.model.name, crop=cfg.data.crop,
                           vae_dtype=cfg.model.vae_dtype, text_dtype=cfg.model.dtype, device=run.device,
                           revision=cfg.model.revision)
-    return pair_samples(pairs_file, pairs, cached.samples)
+    return pair_samples(pairs_file, pairs, cached.samples), load_embedding(cached.empty_text_file)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import os
 import random
@@ -36,7 +37,7 @@ from pydantic import BaseModel
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..config import BaseModelConfig, LoraConfig, SampleConfig, TrainConfig
+from ..config import BaseModelConfig, LoggingConfig, LoraConfig, SampleConfig, TrainConfig
 from ..errors import UserError
 from ..io import atomic_write_text
 from ..lora.adapters import (
@@ -49,6 +50,8 @@ from ..lora.adapters import (
     set_lora_state,
 )
 from ..lora.files import read_lora, save_lora
+from ..lora.formats import read_lora_file
+from ..lora.tools import check_fits, fuse_into
 from ..models import ErnieImageFamily, parse_dtype
 from ..models.block_swap import BlockSwap, move_buffers
 from ..models.quantize import quantize_base
@@ -164,13 +167,22 @@ def add_training_lora(transformer, lora_cfg: LoraConfig) -> tuple[PeftLoraConfig
 
 
 def setup_model(run: Run, family: ErnieImageFamily, model_cfg: BaseModelConfig, lora_cfg: LoraConfig,
-                tcfg: TrainConfig, *, quantize: str = "none", block_swap: int = 0, fsdp: bool = False) -> TrainedModel:
-    """Load the DiT alone and put the trained LoRA on it, with every memory setting the config asks for."""
+                tcfg: TrainConfig, *, quantize: str = "none", block_swap: int = 0, fsdp: bool = False,
+                assistant: tuple[str, float] | None = None) -> TrainedModel:
+    """Load the DiT alone, fuse an ``assistant`` LoRA (path, strength) into it if given, and put the trained
+    LoRA on it, with every memory setting the config asks for."""
     fsdp = fsdp and run.world > 1
     # block swap and FSDP load the base into CPU memory and move to the GPU only what it holds
     transformer = family.load_transformer(model_cfg.name, dtype=parse_dtype(model_cfg.dtype),
                                           device="cpu" if block_swap or fsdp else run.device,
                                           revision=model_cfg.revision)
+    if assistant is not None:
+        modules = read_lora_file(assistant[0]).modules
+        check_fits(assistant[0], modules, transformer)
+        fuse_into(transformer, modules, assistant[1])  # exactly as generate applies it; before quantising
+        if run.is_main:
+            print(f"assistant LoRA {assistant[0]} fused into the base at strength {assistant[1]:g} "
+                  f"({len(modules)} modules)")
     quantize_base(transformer, quantize)
     torch.manual_seed(tcfg.seed)  # LoRA A init
     peft_config, targets, params = add_training_lora(transformer, lora_cfg)
@@ -248,6 +260,14 @@ class Optimisation:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm, self.scheduler.get_last_lr()[0]
+
+    def set_base_lr(self, lr: float) -> None:
+        """A new peak lr on the same schedule (a curriculum stage's own lr): the schedule's factor at the
+        current step now multiplies ``lr``. Idempotent, so a resumed stage sets it again."""
+        self.scheduler.base_lrs = [lr] * len(self.optimizer.param_groups)
+        for group, factor in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas, strict=True):
+            group["initial_lr"] = lr
+            group["lr"] = lr * factor(self.scheduler.last_epoch)
 
 
 def make_optimisation(params, tcfg: TrainConfig, world: int = 1) -> Optimisation:
@@ -390,25 +410,114 @@ class MetricsLog:
 
 
 class Progress:
-    """One progress bar (the shown metrics, s/step, ETA) and a line for each file written."""
+    """What a run shows while it trains: a bar with one speed (s/step) and the ETA (``bar``), one JSON object
+    per line for every step and event (``json``), or nothing (``off``; ``True`` / ``False`` mean bar / off);
+    every file a run writes gets a line (or a JSON event) saying what and where. The trackers (TensorBoard,
+    W&B) get every step's metrics and every image written."""
 
-    def __init__(self, run: Run, total: int, initial: int, enabled: bool):
-        self.bar = tqdm(total=total, initial=initial, desc=run.recipe, unit="step",
-                        disable=not (enabled and run.is_main))
-        self.started, self.first = time.perf_counter(), initial
-        self.enabled = enabled and run.is_main
+    def __init__(self, run: Run, total: int, initial: int, mode: bool | str, trackers: Trackers | None = None):
+        mode = {True: "bar", False: "off"}.get(mode, mode)
+        if mode not in ("bar", "json", "off"):
+            raise UserError(f"--progress {mode!r}: choose bar, json or off")
+        self.mode = mode if run.is_main else "off"
+        self.total, self.started, self.first = total, time.perf_counter(), initial
+        self.trackers = trackers
+        self.bar = tqdm(total=total, initial=initial, desc=run.recipe, unit="step", disable=self.mode != "bar",
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n}/{total} [{elapsed}<{remaining}{postfix}]")
 
-    def update(self, step: int, shown: dict[str, float]) -> None:
+    def update(self, step: int, shown: dict[str, float], logged: dict[str, float] | None = None) -> None:
+        """Step ``step`` is done: ``shown`` goes to the bar (or JSON line), ``logged`` to the trackers."""
+        if self.trackers is not None and logged:
+            self.trackers.log(logged, step)
         per_step = (time.perf_counter() - self.started) / max(1, step - self.first)
+        if self.mode == "json":
+            self.emit("step", step=step, total=self.total, **{k: round(v, 6) for k, v in shown.items()},
+                      s_per_step=round(per_step, 4), eta_s=round(per_step * (self.total - step), 1))
+            return
         self.bar.set_postfix({**{k: f"{v:.4g}" for k, v in shown.items()}, "s/step": f"{per_step:.2f}"})
         self.bar.update(step - self.bar.n)
 
-    def note(self, text: str) -> None:
-        if self.enabled:
+    def note(self, text: str, event: str = "note", image: Path | None = None, **fields) -> None:
+        """A line for people (``text``), or in json mode the event with its fields; ``image`` (a PNG just
+        written, with ``step`` in the fields) also goes to the trackers."""
+        if image is not None and self.trackers is not None:
+            self.trackers.image(event, image, int(fields.get("step", 0)))
+        if self.mode == "json":
+            self.emit(event, **fields)
+        elif self.mode == "bar":
             self.bar.write(text)
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        """Metrics that are not a step's (validation, scores): to the trackers."""
+        if self.trackers is not None:
+            self.trackers.log(values, step)
+
+    @staticmethod
+    def emit(event: str, **fields) -> None:
+        print(json.dumps({"event": event, **fields}, default=str), flush=True)
 
     def close(self) -> None:
         self.bar.close()
+        if self.trackers is not None:
+            self.trackers.close()
+
+
+class Trackers:
+    """TensorBoard and / or Weights & Biases (``logging.trackers``) through accelerate's trackers: scalars
+    per step, images when a grid is written. Loaded only when a run asks for one."""
+
+    def __init__(self, run: Run, logging_cfg: LoggingConfig, config: BaseModel):
+        self.trackers = []
+        if not run.is_main or not logging_cfg.trackers:
+            return
+        for name in logging_cfg.trackers:
+            self.trackers.append(_open_tracker(name, run, logging_cfg, config))
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        finite = {k: v for k, v in values.items() if isinstance(v, float | int) and math.isfinite(v)}
+        for tracker in self.trackers:
+            tracker.log(finite, step=step)
+
+    def image(self, name: str, path: Path, step: int) -> None:
+        if not self.trackers:
+            return
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(path) as im:
+            pixels = np.asarray(im.convert("RGB"))
+        for tracker in self.trackers:
+            tracker.log_images({name: [pixels] if tracker.name == "wandb" else pixels[None]}, step=step,
+                               **({} if tracker.name == "wandb" else {"dataformats": "NHWC"}))
+
+    def close(self) -> None:
+        for tracker in self.trackers:
+            tracker.finish()
+        self.trackers = []
+
+
+def _open_tracker(name: str, run: Run, logging_cfg: LoggingConfig, config: BaseModel):
+    # deferred: tensorboard / wandb are optional extras, imported only by runs that ask for them
+    from accelerate.tracking import TensorBoardTracker, WandBTracker
+
+    tracker = (TensorBoardTracker(run.output.name, run.output / "logs") if name == "tensorboard"
+               else WandBTracker(logging_cfg.project, name=run.output.name, dir=str(run.output)))
+    try:
+        tracker.start()
+    except ImportError as exc:  # ModuleNotFoundError included
+        raise UserError(f"logging.trackers: {name} is not installed ({exc.name}); "
+                        f"pip install 'ernie-lora[{name}]'") from None
+    flat: dict[str, int | float | str | bool] = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[prefix + key] = value if isinstance(value, int | float | str | bool) else str(value)
+    walk(config.model_dump(mode="json"), "")
+    tracker.store_init_configuration(flat)
+    return tracker
 
 
 def train_steps(run: Run, tcfg: TrainConfig, step: int, micro_step: Callable[[int, float], dict[str, float]],
@@ -428,12 +537,14 @@ def train_steps(run: Run, tcfg: TrainConfig, step: int, micro_step: Callable[[in
             model.after_backward()
         grad_norm, lr = optimisation.step()
         step += 1
-        log.add({"step": step, **sums, "lr": lr, "grad_norm": grad_norm})
-        progress.update(step, {k: sums[k] for k in shown if k in sums})
+        row = {**sums, "lr": lr, "grad_norm": grad_norm}
+        log.add({"step": step, **row})
+        progress.update(step, {k: sums[k] for k in shown if k in sums}, row)
         if run.is_main and checkpoints.due(step):
             folder = checkpoints.save(step)
             chart = log.plot(*plot)
-            progress.note(f"step {step}: checkpoint {folder}" + (f"; plot {chart}" if chart else ""))
+            progress.note(f"step {step}: checkpoint {folder}" + (f"; plot {chart}" if chart else ""),
+                          event="checkpoint", step=step, path=folder, plot=chart)
         if on_step is not None:
             on_step(step)
         if stop_after is not None and step >= stop_after:
@@ -449,7 +560,7 @@ class Sampler:
 
     def __init__(self, family: ErnieImageFamily, model_cfg: BaseModelConfig, scfg: SampleConfig,
                  embeddings: list[torch.Tensor], negative: torch.Tensor, transformer, device: torch.device,
-                 side: int):
+                 side: int, labels: list[str] | None = None):
         parts = family.load_pipeline(model_cfg.name, dtype=model_cfg.vae_dtype, device=device,
                                      components=("vae", "scheduler"), revision=model_cfg.revision)
         self.pipe = ErnieImagePipeline(
@@ -458,27 +569,37 @@ class Sampler:
         )
         self.pipe.set_progress_bar_config(disable=True)
         self.cfg, self.embeddings, self.negative = scfg, embeddings, negative
-        self.width, self.height = scfg.width or side, scfg.height or side
+        self.labels = labels if labels is not None else scfg.prompts
+        self.side = side
 
     @torch.no_grad()
-    def run(self, path: Path, write: bool = True) -> Path:
+    def images(self, side: int | None = None) -> list:
+        """One image per prompt (seed ``sample.seed + i``), ``side`` pixels square unless sample.width /
+        height are set (a curriculum samples at each stage's resolution)."""
         transformer = self.pipe.transformer
         was_training = transformer.training
         transformer.eval()
+        side = side or self.side
+        width, height = self.cfg.width or side, self.cfg.height or side
         images = []
         for i, emb in enumerate(self.embeddings):
             generator = torch.Generator().manual_seed(self.cfg.seed + i)
             out = self.pipe(
-                prompt_embeds=[emb], negative_prompt_embeds=[self.negative], height=self.height, width=self.width,
+                prompt_embeds=[emb], negative_prompt_embeds=[self.negative], height=height, width=width,
                 num_inference_steps=self.cfg.steps, guidance_scale=self.cfg.guidance, generator=generator,
                 use_pe=False,
             )
             images.append(out.images[0])
         transformer.train(was_training)
-        if not write:
-            return path
+        return images
+
+    def save_grid(self, images: list, path: Path) -> Path:
         columns = min(len(images), max(1, math.ceil(math.sqrt(len(images)))))
-        return save_image_grid(images, path, labels=self.cfg.prompts, columns=columns)
+        return save_image_grid(images, path, labels=self.labels, columns=columns)
+
+    def run(self, path: Path, write: bool = True, side: int | None = None) -> Path:
+        images = self.images(side)
+        return self.save_grid(images, path) if write else path
 
 
 # -- 6. provenance ----------------------------------------------------------------------------------------

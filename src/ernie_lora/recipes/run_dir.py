@@ -21,11 +21,11 @@ from ..errors import UserError
 from ..io import atomic_write_json, atomic_write_text
 
 RUN_FILES = ("config.yaml", "run.json", "lora.safetensors", "loss.csv", "loss.png", "metrics.csv", "metrics.png",
-             "report.md", "comparison.png")
-RUN_DIRS = ("checkpoints", "samples", "pairs", "sft", "eval")
+             "report.md", "report.png", "comparison.png", "validation.csv")
+RUN_DIRS = ("checkpoints", "samples", "pairs", "sft", "eval", "validation", "best", "logs", "report")
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
 # What may differ when resuming: where and how often to save and sample, and how long to train.
-RESUMABLE_CHANGES = {"checkpoint", "sample", "provenance", "train.steps", "train.device"}
+RESUMABLE_CHANGES = {"checkpoint", "sample", "provenance", "train.steps", "train.device", "logging"}
 
 
 def holds_run(output: Path) -> bool:
