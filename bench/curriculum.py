@@ -6,7 +6,8 @@ sampled at 64 px. Per data seed, every schedule is trained in turn (interleaved,
 own cache folder, so its wall time includes caching its resolutions):
 
 - single: 500 steps at 64 px (the demo's schedule);
-- half:   250 steps at 32 px, then 250 at 64 px;
+- half:   250 steps at 32 px (2x2 tokens), then 250 at 64 px; the same with 48 px (3x3 tokens) first
+  (micro was pretrained at 64 px only, so a low stage is also off its training distribution);
 - short:  the single schedule's 64 px steps cut to 300 (the comparison a curriculum must beat: the same
   wall time spent at full resolution only).
 
@@ -35,6 +36,7 @@ WORLD = {"kind": "poster", "colours": pretraining_colours(), "bands": HELD_OUT["
 SCHEDULES = {
     "single 64px x 500": [{"resolution": 64, "steps": 500}],
     "32px x 250 + 64px x 250": [{"resolution": 32, "steps": 250}, {"resolution": 64, "steps": 250}],
+    "48px x 250 + 64px x 250": [{"resolution": 48, "steps": 250}, {"resolution": 64, "steps": 250}],
     "single 64px x 300": [{"resolution": 64, "steps": 300}],
 }
 SAMPLING = dict(steps=24, guidance=3.0, width=64, height=64, dtype="fp32")
