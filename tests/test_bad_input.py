@@ -74,7 +74,8 @@ def test_existing_run_is_refused_and_untouched(poster_dataset, tmp_path, capsys)
     assert run_cli(["train", str(cfg), "-o", str(run)], capsys)[0] == 0
     before = _tree_digest(run)
     line = _one_line_error(*run_cli(["train", str(cfg), "-o", str(run)], capsys)[::2])
-    assert "already holds a run; pass --resume to continue it or --overwrite to replace it" in line
+    assert "already holds a run (config.yaml, run.json" in line
+    assert line.endswith("; pass --resume to continue it or --overwrite to replace it")
     assert _tree_digest(run) == before
     # --resume of a finished run changes nothing either; --overwrite replaces it
     assert run_cli(["train", str(cfg), "-o", str(run), "--resume"], capsys)[0] == 0

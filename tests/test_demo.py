@@ -26,9 +26,13 @@ def test_demo_teaches_the_held_out_layout_and_colour(tmp_path):
 def test_demo_refuses_an_earlier_demo_unless_overwrite(tmp_path):
     out = tmp_path / "demo"
     run_demo(out, steps=2, count=4, eval_count=2)
-    (out / "notes.txt").write_text("mine")  # not the demo's: survives an overwrite
     with pytest.raises(UserError, match=r"holds an earlier demo \(dataset, before, after, run, before_after.png, "
                                         r"report.md\); pass --overwrite"):
         run_demo(out, steps=2, count=4, eval_count=2)
+    (out / "notes.txt").write_text("mine")  # not the demo's: --overwrite refuses the folder, removes nothing
+    with pytest.raises(UserError, match=r"also holds notes.txt, which the demo there did not write"):
+        run_demo(out, steps=2, count=4, eval_count=1, overwrite=True)
+    assert len(list((out / "before" / "purple").glob("*.png"))) == 2 and (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
     run_demo(out, steps=2, count=4, eval_count=1, overwrite=True)
-    assert len(list((out / "before" / "purple").glob("*.png"))) == 1 and (out / "notes.txt").read_text() == "mine"
+    assert len(list((out / "before" / "purple").glob("*.png"))) == 1

@@ -85,6 +85,11 @@ def test_killed_process_resumes_to_identical_weights(poster_dataset, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     train(cfg, tmp_path / "straight", progress=False)
     assert _same_lora(tmp_path / "straight" / "lora.safetensors", run / "lora.safetensors")
+    # whatever the kill interrupted, the resumed run left no temp file and every checkpoint is whole
+    from ernie_lora.recipes.run_dir import checkpoint_problem
+
+    assert not [p for p in run.rglob("*") if p.name.startswith(".tmp") or p.name.endswith(".tmp")]
+    assert all(checkpoint_problem(c) is None for c in (run / "checkpoints").iterdir())
 
 
 def test_caption_dropout_uses_the_cached_empty_embedding(poster_dataset, tmp_path):
@@ -187,20 +192,11 @@ def test_bf16_base_with_bf16_autocast_trains_fp32_lora_weights(poster_dataset, t
 def test_an_assistant_lora_trains_on_the_base_with_it_fused_and_stays_out_of_the_file(poster_dataset, tmp_path):
     """model.assistant_lora (a Turbo LoRA, say) = training on a base folder with that LoRA fused into it; the
     written LoRA holds only what was trained, and strength 0 is the plain base."""
-    from ernie_lora.lora.adapters import add_lora, lora_state_dict, peft_config_metadata, resolve_targets
-    from ernie_lora.lora.files import save_lora
     from ernie_lora.lora.formats import read_lora_file
     from ernie_lora.lora.tools import fuse_into
+    from test_generate import make_lora
 
-    torch.manual_seed(5)
-    model = ERNIE_IMAGE.load_transformer("tiny", dtype="fp32")
-    config = add_lora(model, 4, 4.0, resolve_targets(model, "attn"))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    assistant = tmp_path / "turbo.safetensors"
-    save_lora(assistant, lora_state_dict(model), peft_config_metadata(config))
+    assistant = make_lora(tmp_path / "turbo.safetensors", seed=5, alpha=4.0, std=0.05)
     pipe = build_tiny_pipeline(0)
     fuse_into(pipe.transformer, read_lora_file(assistant).modules, 1.0)
     pipe.save_pretrained(tmp_path / "fused-base")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import typer
 
-from .errors import UserError
+from .errors import UserError, one_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train, check and use LoRA adapters for ERNIE-Image.")
@@ -73,9 +73,10 @@ def train(
 ) -> None:
     """Train a LoRA from a YAML config."""
     from .config import load_train_config
+
+    cfg = load_train_config(config, set_)  # a config mistake answers before torch and diffusers load
     from .recipes.lora import train as run_train
 
-    cfg = load_train_config(config, set_)
     output = output or Path("runs") / config.stem
     _quiet_libraries()
     result = run_train(cfg, output, resume=resume, overwrite=overwrite, force=force, progress=progress)
@@ -167,9 +168,10 @@ def plan(
 ) -> None:
     """Estimate a training config's peak GPU memory before running it (no weights needed)."""
     from .config import load_train_config
-    from .plan import format_plan, plan_config
 
     cfg = load_train_config(config, set_)
+    from .plan import format_plan, plan_config
+
     _quiet_libraries()
     result, fit = plan_config(cfg, vram, text_tokens, gpus=gpus)
     typer.echo(format_plan(result, vram, fit), nl=False)
@@ -465,7 +467,7 @@ def lora_merge(
 ) -> None:
     """One LoRA from several: truncated SVD of the weighted sum of their delta W, per module."""
     from .lora.formats import read_modules, write_modules
-    from .lora.tools import base_weights, merge_modules
+    from .lora.tools import base_weights, check_fits, merge_modules, shape_model
 
     if len(files) < 3:
         raise UserError("lora merge: give at least two LoRAs and the output file")
@@ -475,13 +477,24 @@ def lora_merge(
         w = [float(x) for x in weights.split(",")] if weights else [1.0 / len(inputs)] * len(inputs)
     except ValueError:
         raise UserError(f"--weights {weights!r}: expected numbers separated by commas") from None
-    loras = [read_modules(f)[0] for f in inputs]
+    if len(w) != len(inputs):
+        raise UserError(f"--weights: {len(w)} weights for {len(inputs)} LoRAs")
+    read = [read_modules(f) for f in inputs]
+    loras = [modules for modules, _, _ in read]
+    # the model they are for: --model, else the base model our files record; every module must exist there
+    target_model = model or next((h["ernie_lora.base_model"] for _, _, h in read if h.get("ernie_lora.base_model")),
+                                 None)
+    if target_model is not None:
+        shapes = shape_model(target_model)
+        for file, modules in zip(inputs, loras, strict=True):
+            check_fits(file, modules, shapes)
     bases = base_weights(model, sorted({n for lora in loras for n, m in lora.items() if m.dora is not None}))
     merged, energy = merge_modules(loras, w, rank, bases)
     metadata = {"merged_from": [str(f) for f in inputs], "merge_weights": w, "energy_kept": f"{energy:.6f}"}
     written = write_modules(target, merged, format, metadata)
     typer.echo(f"merged {len(inputs)} LoRAs into {written}: {len(merged)} modules, rank {rank}, "
-               f"energy kept {energy:.2%}")
+               f"energy kept {energy:.2%}" + ("" if target_model else "; not checked against a model (no --model, "
+                                              "no base model recorded in the files)"))
 
 
 @lora_app.command("fuse")
@@ -507,7 +520,9 @@ def lora_fuse(
         raise UserError(f"{file}: no base model recorded in it; pass --model")
     transformer = family_for(model).load_transformer(model, dtype=dtype)
     fuse_into(transformer, modules, strength)
-    transformer.save_pretrained(target, safe_serialization=True)
+    from .io import write_folder_atomically
+
+    write_folder_atomically(target, lambda tmp: transformer.save_pretrained(tmp, safe_serialization=True))
     typer.echo(f"fused {file} at strength {strength:g} into {target}")
 
 
@@ -519,9 +534,10 @@ def pretrain_micro_cmd(
 ) -> None:
     """Pretrain micro ERNIE (VAE, then DiT) on the synthetic layout world."""
     from .config import MicroPretrainConfig, load_yaml_model
-    from .recipes.pretrain_micro import pretrain_micro
 
     cfg = load_yaml_model(config, MicroPretrainConfig)
+    from .recipes.pretrain_micro import pretrain_micro
+
     _quiet_libraries()
     pretrain_micro(cfg, output, overwrite=overwrite)
 
@@ -533,7 +549,7 @@ def generate(
     model: str | None = typer.Option(None, "--model", "-m", help="hub id, local folder or 'tiny'"),
     lora: list[str] = typer.Option([], "--lora", help="PATH[:STRENGTH], repeatable"),
     fuse: bool = typer.Option(False, "--fuse", help="merge the LoRAs into the weights before sampling"),
-    steps: int | None = typer.Option(None, help="denoising steps (default 50; 8 with --turbo)"),
+    steps: int | None = typer.Option(None, min=1, help="denoising steps (default 50; 8 with --turbo)"),
     guidance: float | None = typer.Option(None, help="CFG scale (default 4.0; 1.0 with --turbo)"),
     seed: int = typer.Option(0, help="seed of the first image; the next prompts use seed+1, ..."),
     width: int | None = typer.Option(None, help="default: the model's native size (1024; 64 for micro)"),
@@ -552,10 +568,9 @@ def generate(
 
     all_prompts = list(prompts or [])
     if prompts_file is not None:
-        try:
-            all_prompts += [ln.strip() for ln in prompts_file.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UserError(f"--prompts-file {prompts_file}: cannot read ({exc})") from None
+        from .io import read_text_file
+
+        all_prompts += [ln.strip() for ln in read_text_file(prompts_file).splitlines() if ln.strip()]
     _quiet_libraries()
     paths = run_generate(
         all_prompts, model=model, loras=[parse_lora_spec(s) for s in lora], fuse=fuse, steps=steps,
@@ -571,7 +586,7 @@ def rank_serve(
     folder: Path = typer.Argument(..., help="the images to compare (sub-folders included)"),
     db: Path | None = typer.Option(None, "--db", help="SQLite file (default: FOLDER/annotations.sqlite)"),
     host: str = typer.Option("127.0.0.1", "--host", help="any other address needs --token"),
-    port: int = typer.Option(8765, "--port"),
+    port: int = typer.Option(8765, "--port", min=1, max=65535),
     token: str | None = typer.Option(None, "--token", envvar="ERNIE_LORA_TOKEN",
                                      help="every request must carry it (?token=, X-Token or the page's cookie)"),
 ) -> None:
@@ -579,6 +594,23 @@ def rank_serve(
     from .rank.app import serve
 
     serve(folder, db, host, port, token)
+
+
+@rank_app.command("invite")
+def rank_invite(
+    annotators: list[str] = typer.Argument(..., help="one name per annotator"),
+    token: str = typer.Option(..., "--token", envvar="ERNIE_LORA_TOKEN", help="the token the server runs with"),
+    url: str = typer.Option("http://127.0.0.1:8765/", "--url", help="where annotators reach the server"),
+) -> None:
+    """A link per annotator for a server started with --token: each votes (and undoes) only as themselves."""
+    from urllib.parse import quote
+
+    from .rank.app import invite_token
+
+    for name in annotators:
+        if not 0 < len(name) <= 64:
+            raise UserError(f"annotator {name[:70]!r}: 1 to 64 characters")
+        typer.echo(f"{name}: {url.rstrip('/')}/?annotator={quote(name)}&token={invite_token(token, name)}")
 
 
 @rank_app.command("scores")
@@ -700,15 +732,30 @@ def demo(
 
 
 def main() -> None:
+    """Every mistake ends as one line on stderr: a bad argument or option (typer's usage errors, which would
+    print a box; exit status 2), or bad input found while running (UserError, exit status 2)."""
+    from typer.exceptions import TyperException  # the base of typer's usage and parameter errors
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        app()
+        code = app(standalone_mode=False)
+    except TyperException as exc:
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:  # a bare group: its help, as before
+            print(ctx.get_help())
+            sys.exit(2)
+        command = ctx.command_path if ctx is not None else "ernie-lora"
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        print(f"error: {command}: {one_line(message)} (see {command} --help)", file=sys.stderr)
+        sys.exit(getattr(exc, "exit_code", 2))
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import UserError
+from .errors import UserError, short_repr
 
 _M = TypeVar("_M", bound=BaseModel)
 
@@ -58,6 +58,15 @@ class SamplingConfig(_Strict):
     aesthetic: str | None = None  # aesthetic.jsonl from `ernie-lora rank scores` (relative to this file)
     temperature: float = Field(1.0, gt=0)  # weights ** (1 / temperature)
     depth: int | None = Field(None, gt=0)  # cut category paths to this many levels
+
+    @model_validator(mode="after")
+    def _category_keys_need_category(self) -> SamplingConfig:
+        unused = [k for k in ("aesthetic", "depth") if getattr(self, k) is not None]
+        unused += ["temperature"] if self.temperature != 1.0 else []
+        if self.by == "uniform" and unused:
+            raise ValueError(f"{', '.join(unused)} {'acts' if len(unused) == 1 else 'act'} only with by: category "
+                             "(uniform sampling ignores it)")
+        return self
 
 
 class DataConfig(_Strict):
@@ -447,9 +456,42 @@ def _format_error(source: str, exc: ValidationError) -> str:
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
     got = err.get("input")
-    extra = "" if err["type"] == "extra_forbidden" or isinstance(got, dict) else f" (got {got!r})"
+    extra = "" if err["type"] == "extra_forbidden" or isinstance(got, dict) else f" (got {short_repr(got)})"
     more = f" [+{len(exc.errors()) - 1} more]" if len(exc.errors()) > 1 else ""
     return f"{source}: {key + ': ' if key else ''}{msg}{extra}{more}"
+
+
+MAX_YAML_VALUES = 100_000  # a config has hundreds; aliases that expand past this are a "billion laughs" file
+
+
+def safe_load_yaml(text: str, source: str) -> object:
+    """``yaml.safe_load``, refusing documents whose aliases expand to more than ``MAX_YAML_VALUES`` values
+    (the expansion is counted on the node graph, never built)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        sizes: dict[int, int] = {}
+
+        def size(n: yaml.Node) -> int:
+            if id(n) in sizes:
+                return sizes[id(n)]
+            sizes[id(n)] = 1  # a recursive alias counts once here; construction handles the cycle
+            if isinstance(n, yaml.SequenceNode):
+                total = 1 + sum(size(c) for c in n.value)
+            elif isinstance(n, yaml.MappingNode):
+                total = 1 + sum(size(k) + size(v) for k, v in n.value)
+            else:
+                total = 1
+            sizes[id(n)] = min(total, MAX_YAML_VALUES + 1)
+            return sizes[id(n)]
+
+        if size(node) > MAX_YAML_VALUES:
+            raise UserError(f"{source}: YAML aliases expand to more than {MAX_YAML_VALUES:,} values; refused")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -458,7 +500,11 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise UserError(f"--set {item!r}: expected key.sub=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            value = safe_load_yaml(raw, f"--set {key}") if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise UserError(f"--set {key}: the value {short_repr(raw)} is not YAML ({getattr(exc, 'problem', exc)})") \
+                from None
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -475,13 +521,15 @@ def load_yaml_model(path: str | Path, model: type[_M], overrides: list[str] | No
     if not path.is_file():
         raise UserError(f"config {path}: no such file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = safe_load_yaml(path.read_text(encoding="utf-8"), f"config {path}") or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
         raise UserError(f"config {path}{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
     except UnicodeDecodeError:
         raise UserError(f"config {path}: not UTF-8 text") from None
+    except RecursionError:
+        raise UserError(f"config {path}: nested too deeply") from None
     if not isinstance(data, dict):
         raise UserError(f"config {path}: the top level must be a mapping of sections")
     data = apply_overrides(data, overrides or [])

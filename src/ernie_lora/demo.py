@@ -12,7 +12,6 @@ demo is refused unless ``overwrite``.
 
 from __future__ import annotations
 
-import shutil
 import statistics
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from .generate import LoraSpec, generate
 from .io import atomic_write_text
 from .plots import save_image_grid
 from .recipes.lora import train
+from .recipes.run_dir import prepare_output
 
 # name: (what it is, the synthetic world's sampling arguments)
 CONCEPTS = {
@@ -58,14 +58,8 @@ def concept_scores(folder: Path) -> dict[str, dict]:
 
 def prepare_demo_dir(output: Path, overwrite: bool) -> None:
     """Refuse a folder holding an earlier demo unless ``overwrite``, which removes only the demo's outputs."""
-    held = [name for name in DEMO_OUTPUTS if (output / name).exists()]
-    if held and not overwrite:
-        raise UserError(f"output {output}: holds an earlier demo ({', '.join(held)}); pass --overwrite "
-                        "(make demo DEMO_FLAGS=--overwrite) or choose another --output")
-    for name in held:
-        path = output / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    output.mkdir(parents=True, exist_ok=True)
+    prepare_output(output, "demo", DEMO_OUTPUTS, resume=False, overwrite=overwrite, what="an earlier demo",
+                   hint="pass --overwrite (make demo DEMO_FLAGS=--overwrite) or choose another --output")
 
 
 def run_demo(output: Path, steps: int = 500, count: int = 64, eval_count: int = 16, seed: int = 0,

@@ -9,7 +9,6 @@ proofs; ``ernie-lora dpo`` / ``distill`` with a ``proof:`` section run these ins
 from __future__ import annotations
 
 import json
-import shutil
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +26,13 @@ from .eval.layout import score_image
 from .eval.prompts import require_held_out
 from .eval.stats import paired_bootstrap
 from .generate import LoraSpec, generate, load_loras
-from .io import atomic_write_text
+from .io import atomic_write, atomic_write_text
 from .models import family_for
 from .plots import save_image_grid
 from .recipes.distill import distill_prompts, run_distill
 from .recipes.dpo import run_dpo
 from .recipes.lora import train
+from .recipes.run_dir import prepare_output
 
 PROOF_OUTPUTS = ("pairs", "run", "sft", "eval", "report.md", "comparison.png")
 SCORES = ("score", "structure", "colour")
@@ -41,14 +41,8 @@ SCORES = ("score", "structure", "colour")
 def prepare_proof_dir(output: Path, resume: bool, overwrite: bool) -> None:
     """Refuse a folder that holds an earlier proof unless resuming or overwriting (which removes only the
     proof's own outputs)."""
-    held = [name for name in PROOF_OUTPUTS if (output / name).exists()]
-    if held and not (resume or overwrite):
-        raise UserError(f"output {output}: already holds a proof ({', '.join(held)}); pass --resume or --overwrite")
-    if overwrite:
-        for name in held:
-            path = output / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    output.mkdir(parents=True, exist_ok=True)
+    prepare_output(output, "proof", PROOF_OUTPUTS, resume=resume, overwrite=overwrite, what="a proof",
+                   hint="pass --resume or --overwrite")
 
 
 def score_images(paths: list[Path], prompts: list[str]) -> dict[str, list[float]]:
@@ -248,8 +242,8 @@ def sft_on_chosen(cfg: DpoRunConfig, pairs, folder: Path) -> Path:
     for i, pair in enumerate(pairs):
         target = data / f"{i:05d}{pair.chosen.suffix}"
         if not target.exists():
-            target.write_bytes(pair.chosen.read_bytes())
-        (data / f"{i:05d}.txt").write_text(pair.prompt + "\n", encoding="utf-8")
+            atomic_write(target, lambda tmp, src=pair.chosen: Path(tmp).write_bytes(src.read_bytes()))
+        atomic_write_text(data / f"{i:05d}.txt", pair.prompt + "\n")
     steps = cfg.proof.sft_steps or cfg.train.steps
     train_cfg = {**cfg.train.model_dump(), "lr": cfg.proof.sft_lr or cfg.train.lr, "steps": steps}
     sft_cfg = TrainRunConfig.model_validate({

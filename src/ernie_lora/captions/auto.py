@@ -16,7 +16,7 @@ from PIL import Image
 
 from ..data.dataset import CACHE_DIR_NAME, IMAGE_EXTS
 from ..errors import UserError
-from ..io import atomic_write_text
+from ..io import atomic_write_text, open_image
 from .ocr import TextBox, read_text
 from .schema import CaptionSchema, Element, render
 
@@ -118,8 +118,7 @@ def auto_caption_folder(folder: str | Path, kind: str = "other", overwrite: bool
     results = []
     images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and CACHE_DIR_NAME not in p.parts)
     for path in images:
-        with Image.open(path) as im:
-            image = im.convert("RGB")
+        image = open_image(path).convert("RGB")
         schema = boxes_to_schema(read_text(image), image.width, image.height, kind)
         caption = render(schema, "natural")
         if vlm:

@@ -12,10 +12,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
-
 from ..data.dataset import CACHE_DIR_NAME, IMAGE_EXTS
 from ..errors import UserError
+from ..io import open_image
 from .ocr import read_text
 
 LAYOUT_WORDS = {
@@ -95,8 +94,7 @@ def lint_folder(folder: str | Path, model: str | None = None, ocr: bool = True,
         image = next((txt.with_suffix(ext) for ext in IMAGE_EXTS if txt.with_suffix(ext).exists()), None)
         has_text = None
         if reader is not None and image is not None:
-            with Image.open(image) as im:
-                has_text = any(box.confidence > 0.8 and len(box.text) >= 2 for box in reader(im))
+            has_text = any(box.confidence > 0.8 and len(box.text) >= 2 for box in reader(open_image(image)))
         for check, detail in lint_caption(text, has_text, max_tokens if count_tokens else None, count_tokens):
             findings.append(LintFinding(txt, check, detail))
     return findings, len(captions)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from ..io import read_text_file
 from .dataset import CACHE_DIR_NAME, IMAGE_EXTS, METADATA_FILE
 
 UNCATEGORIZED = "uncategorized"
@@ -48,7 +49,7 @@ def list_images(root: str | Path, outside_links: bool = False) -> list[ImageEntr
         prompt = row.get("text", row.get("caption"))
         sidecar = path.with_suffix(".txt")
         if prompt is None and sidecar.is_file() and (outside_links or inside(root, sidecar)):
-            prompt = sidecar.read_text(encoding="utf-8").strip()
+            prompt = read_text_file(sidecar).strip()
         category = row.get("category") or (Path(rel).parent.as_posix() if "/" in rel else UNCATEGORIZED)
         entries.append(ImageEntry(rel, str(prompt or ""), str(category).strip("/") or UNCATEGORIZED))
     return entries
@@ -60,7 +61,7 @@ def metadata_rows(root: Path) -> dict[str, dict]:
     rows: dict[str, dict] = {}
     if not path.exists():
         return rows
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(read_text_file(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -69,5 +70,7 @@ def metadata_rows(root: Path) -> dict[str, dict]:
             raise UserError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
         if not isinstance(row, dict) or "file_name" not in row:
             raise UserError(f"{path}:{lineno}: missing key 'file_name'")
+        if not isinstance(row["file_name"], str) or not row["file_name"].strip():
+            raise UserError(f"{path}:{lineno}: 'file_name' must be a file name, got {type(row['file_name']).__name__}")
         rows[Path(row["file_name"]).as_posix()] = row
     return rows

@@ -113,6 +113,10 @@ def read_metadata(root: Path) -> tuple[dict[str, str], list[Finding]]:
         if not isinstance(row, dict) or "file_name" not in row:
             findings.append(Finding(where, "error", "missing key 'file_name'"))
             continue
+        if not isinstance(row["file_name"], str) or not row["file_name"].strip():
+            findings.append(Finding(where, "error", f"'file_name' must be a file name, got "
+                                    f"{type(row['file_name']).__name__}"))
+            continue
         text = row.get("text", row.get("caption"))
         if text is None:
             findings.append(Finding(where, "error", "missing key 'text'"))

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..errors import UserError
-from ..io import sha256_file
+from ..errors import UserError, short_repr
+from ..io import read_text_file, sha256_file
 from .buckets import Bucket
 from .cache import CachedSample
 from .dataset import Item
@@ -35,7 +35,7 @@ def read_pairs(path: str | Path) -> list[PreferencePair]:
     if not path.is_file():
         raise UserError(f"{path}: no such preference file (JSONL of prompt, chosen, rejected)")
     pairs = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(read_text_file(path).splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
@@ -48,7 +48,10 @@ def read_pairs(path: str | Path) -> list[PreferencePair]:
         if {"prompt", "chosen", "rejected"} <= row.keys():
             prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
         elif {"caption", "jpg_0", "jpg_1", "label_0"} <= row.keys():
-            label = float(row["label_0"])
+            label = row["label_0"]
+            if isinstance(label, bool) or label not in (0, 0.5, 1):
+                raise UserError(f"{where}: label_0 must be 1 (jpg_0 preferred), 0 or 0.5 (a tie), got "
+                                f"{short_repr(label)}")
             if label == 0.5:
                 continue  # a tie says nothing to DPO
             prompt = row["caption"]
@@ -57,6 +60,8 @@ def read_pairs(path: str | Path) -> list[PreferencePair]:
             raise UserError(f"{where}: needs prompt/chosen/rejected (or caption/jpg_0/jpg_1/label_0)")
         files = []
         for key, value in (("chosen", chosen), ("rejected", rejected)):
+            if not isinstance(value, str) or not value.strip():
+                raise UserError(f"{where}: {key} must be an image path, got {short_repr(value)}")
             file = Path(value) if Path(value).is_absolute() else path.parent / value
             if not file.is_file():
                 raise UserError(f"{where}: {key} image {file} does not exist")
@@ -74,8 +79,9 @@ def pair_items(pairs: list[PreferencePair]) -> tuple[list[Item], list[Item]]:
     def item(file: Path, prompt: str) -> Item:
         try:
             with Image.open(file) as im:
+                im.load()  # a truncated file fails here, naming it, not later inside the cache
                 width, height = im.size
-        except OSError as exc:
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
             raise UserError(f"{file}: not a readable image ({exc})") from None
         return Item(file, prompt, width, height, sha256_file(file))
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from ..io import read_text_file
 from .categories import ImageEntry, list_images
 
 
@@ -87,7 +88,7 @@ def read_aesthetic_labels(path: str | Path) -> dict[str, dict]:
     if not path.is_file():
         raise UserError(f"{path}: no such aesthetic label file (write one with `ernie-lora rank scores DB`)")
     rows = {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(read_text_file(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -34,7 +34,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import UserError
-from ..io import atomic_write_text
+from ..io import atomic_write_text, save_png
 
 SIZE = 64
 KINDS = ("poster", "infographic", "comic", "ui")
@@ -414,9 +414,9 @@ def write_synthetic_dataset(
     for i in range(count):
         layout = sample_layout(rng, kind, colours, split, bands)
         stem = f"{layout.kind}_{i:05d}"
-        render(layout, seed=rng.randrange(1 << 30), size=size).save(folder / f"{stem}.png")
+        save_png(render(layout, seed=rng.randrange(1 << 30), size=size), folder / f"{stem}.png")
         text = caption(layout)
-        (folder / f"{stem}.txt").write_text(text + "\n", encoding="utf-8")
+        atomic_write_text(folder / f"{stem}.txt", text + "\n")
         rows.append(json.dumps({"file_name": f"{stem}.png", "text": text, "layout": json.loads(layout.to_json())}))
     atomic_write_text(folder / "metadata.jsonl", "\n".join(rows) + "\n")
     return folder

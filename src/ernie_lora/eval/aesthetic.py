@@ -35,7 +35,7 @@ from ..data.categories import list_images, metadata_rows
 from ..data.dataset import METADATA_FILE
 from ..data.sampling import read_aesthetic_labels
 from ..errors import UserError
-from ..io import atomic_write
+from ..io import atomic_write, open_image
 from ..plots import plt
 from ..rank.store import OUTCOMES, AnnotationStore
 
@@ -112,11 +112,7 @@ def encode_files(encoder: Encoder, root: Path, names: list[str], batch: int = 32
         images = []
         for name in names[start:start + batch]:
             path = root / name
-            try:
-                with Image.open(path) as im:
-                    images.append(im.convert("RGB"))
-            except (OSError, ValueError) as exc:
-                raise UserError(f"{path}: cannot read image ({exc})") from None
+            images.append(open_image(path).convert("RGB"))
         feats.append(encoder(images))
     return np.concatenate(feats)
 
@@ -151,12 +147,20 @@ class Scorer:
         path = Path(path)
         if not path.is_file():
             raise UserError(f"{path}: no such scorer (train one with `ernie-lora aes train`)")
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
+        if path.suffix != ".safetensors":
+            raise UserError(f"{path}: a scorer is a .safetensors file (pickled files are never loaded)")
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+        except Exception as exc:  # safetensors raises its own error types for every kind of damage
+            raise UserError(f"{path}: not a readable safetensors file ({str(exc)[:160]})") from None
         if "encoder" not in meta:
             raise UserError(f"{path}: not an ernie-lora aesthetic scorer (no 'encoder' in its metadata)")
-        head = AestheticHead(int(meta["dim"]), int(meta["hidden"]))
-        head.load_state_dict(load_file(str(path)))
+        try:
+            head = AestheticHead(int(meta["dim"]), int(meta["hidden"]))
+            head.load_state_dict(load_file(str(path)))
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise UserError(f"{path}: a damaged aesthetic scorer ({type(exc).__name__}: {str(exc)[:160]})") from None
         return cls(head.eval(), meta["encoder"], json.loads(meta.get("holdout", "[]")))
 
     @torch.no_grad()

@@ -42,6 +42,7 @@ from ..data.synthetic import (
     ui_button_box,
     ui_line_boxes,
 )
+from ..io import open_image
 from .prompts import prompt_for, read_metadata_captions
 from .text import score_image_text
 
@@ -344,8 +345,7 @@ def score_folder(folder: str | Path, text: bool = False) -> list[tuple[Path, str
         if prompt is None:
             results.append((path, "", None))
             continue
-        with Image.open(path) as im:
-            results.append((path, prompt, score_image(im, prompt, text)))
+        results.append((path, prompt, score_image(open_image(path), prompt, text)))
     return results
 
 

@@ -5,20 +5,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from PIL import Image
-
 from ..errors import UserError
+from ..io import open_image, read_text_file
 
 
 def prompt_for(path: Path, metadata: dict[str, str]) -> str | None:
     """An image's prompt: its PNG text (what ``generate`` writes), a same-stem .txt, or metadata.jsonl."""
-    with Image.open(path) as im:
-        text = getattr(im, "text", {}) or {}
+    text = open_image(path).info  # a PNG's text chunks (our generate writes the prompt there)
     if text.get("prompt"):
         return text["prompt"]
     txt = path.with_suffix(".txt")
     if txt.exists():
-        return txt.read_text(encoding="utf-8").strip()
+        return read_text_file(txt).strip()
     return metadata.get(path.name)
 
 
@@ -27,7 +25,7 @@ def read_metadata_captions(folder: Path) -> dict[str, str]:
     metadata: dict[str, str] = {}
     meta_file = folder / "metadata.jsonl"
     if meta_file.exists():
-        for lineno, line in enumerate(meta_file.read_text(encoding="utf-8").splitlines(), start=1):
+        for lineno, line in enumerate(read_text_file(meta_file).splitlines(), start=1):
             if line.strip():
                 try:
                     row = json.loads(line)

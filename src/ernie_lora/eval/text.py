@@ -17,6 +17,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..captions.ocr import read_text
+from ..io import open_image
 from .prompts import prompt_for, read_metadata_captions
 
 _QUOTES = re.compile(r'"([^"]+)"|“([^”]+)”|「([^」]+)」|『([^』]+)』')
@@ -74,6 +75,5 @@ def score_folder_text(folder: str | Path) -> list[tuple[Path, str, float | None]
     results = []
     for path in sorted(folder.glob("*.png")):
         prompt = prompt_for(path, metadata) or ""
-        with Image.open(path) as im:
-            results.append((path, prompt, score_image_text(im, prompt) if prompt else None))
+        results.append((path, prompt, score_image_text(open_image(path), prompt) if prompt else None))
     return results

@@ -46,6 +46,12 @@ def fit_problems(modules: dict[str, Module], transformer: torch.nn.Module) -> li
     return problems
 
 
+def shape_model(model: str) -> torch.nn.Module:
+    """``model``'s transformer with shapes only (no weights): an 8B model is checked without loading 15 GB."""
+    with init_empty_weights():
+        return ErnieImageTransformer2DModel.from_config(family_for(model).transformer_config(model))
+
+
 def check_fits(path: str | Path, modules: dict[str, Module], transformer: torch.nn.Module) -> None:
     problems = fit_problems(modules, transformer)
     if problems:
@@ -99,9 +105,7 @@ def lora_info(path: str | Path, model: str | None = None) -> LoraInfo:
                     dict(alphas), lora.alpha_source, path.stat().st_size, provenance(header),
                     loader_verdicts(path, modules, tensors, header))
     if model is not None:
-        with init_empty_weights():  # shapes only: an 8B model is checked without loading 15 GB
-            transformer = ErnieImageTransformer2DModel.from_config(family_for(model).transformer_config(model))
-        problems = fit_problems(modules, transformer)
+        problems = fit_problems(modules, shape_model(model))
         info.fits = "yes" if not problems else f"no: {'; '.join(problems[:3])}"
     return info
 

@@ -3,16 +3,22 @@
 Everything is served from here (no CDN): the page, its script, and the images, which are looked up by
 id in the database and sent only when the file, symlinks resolved, lies inside the dataset folder.
 With a token every request must carry it (``?token=``, the ``X-Token`` header, or the cookie the page
-sets on first visit); without one the server refuses to listen anywhere but loopback.
+sets on first visit): the server's own token (the organiser, who may act as anyone) or an annotator's
+invite token (``ernie-lora rank invite``), which acts only as that annotator, so nobody can vote or undo in
+another's name. Without a token the server listens on loopback only and answers only requests whose Host
+is a loopback name (a web page on another site cannot reach it by DNS rebinding). Bodies over 64 KiB are
+refused; every bad request gets a 4xx, never a 500.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
@@ -22,10 +28,25 @@ from .store import OUTCOMES, AnnotationStore
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 TOKEN_COOKIE = "ernie_lora_token"
+ANNOTATOR_COOKIE = "ernie_lora_annotator"
+MAX_BODY = 64 * 1024  # a vote is ~100 bytes
+MAX_ID = 2**62  # SQLite integers are 64-bit: a larger id would fail inside the database, not as a 4xx
+
+
+def invite_token(secret: str, annotator: str) -> str:
+    """The token that lets ``annotator`` (and no one else) vote on a server started with ``--token secret``."""
+    return hmac.new(secret.encode(), f"annotator:{annotator}".encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def _host_name(host_header: str) -> str:
+    """``localhost:8765`` -> ``localhost``; ``[::1]:8765`` -> ``::1``."""
+    if host_header.startswith("["):
+        return host_header[1:].split("]", 1)[0]
+    return host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header
 
 
 class VoteRequest(BaseModel):
-    pair_id: int
+    pair_id: int = Field(ge=0, le=MAX_ID)
     outcome: str = Field(pattern="^(" + "|".join(OUTCOMES) + ")$")
     annotator: str = Field(min_length=1, max_length=64)
 
@@ -43,17 +64,45 @@ def create_app(store: AnnotationStore, token: str | None = None) -> FastAPI:
     root = store.root
     app = FastAPI(title="ernie-lora annotation", docs_url=None, redoc_url=None, openapi_url=None)
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own answer echoes the input, and a NaN in it cannot be written as JSON (a 500)
+        return JSONResponse({"detail": [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")}
+                                        for e in exc.errors()]}, status_code=422)
+
     @app.middleware("http")
-    async def require_token(request: Request, call_next):
-        if token:
-            given = (request.query_params.get("token") or request.headers.get("x-token")
-                     or request.cookies.get(TOKEN_COOKIE) or "")
-            if not hmac.compare_digest(given.encode(), token.encode()):
-                return JSONResponse({"error": "missing or wrong token"}, status_code=401)
+    async def guard(request: Request, call_next):
+        """Body size, the Host header (no token) and who is asking (with a token)."""
+        length = request.headers.get("content-length")
+        if request.method not in ("GET", "HEAD") and (length is None or not length.isdigit()):
+            return JSONResponse({"error": "a request body needs a Content-Length"}, status_code=411)
+        if length is not None and length.isdigit() and int(length) > MAX_BODY:
+            return JSONResponse({"error": f"request body over {MAX_BODY} bytes"}, status_code=413)
+        request.state.annotator = None  # None: anyone (no token, or the organiser's token)
+        if not token:
+            if _host_name(request.headers.get("host", "")) not in LOOPBACK:
+                return JSONResponse({"error": "Host is not a loopback name"}, status_code=403)
+            return await call_next(request)
+        given = (request.query_params.get("token") or request.headers.get("x-token")
+                 or request.cookies.get(TOKEN_COOKIE) or "")
+        claimed = (request.query_params.get("annotator") if request.query_params.get("token")
+                   else request.cookies.get(ANNOTATOR_COOKIE)) or ""
+        if hmac.compare_digest(given.encode(), token.encode()):
+            claimed = ""
+        elif not (claimed and hmac.compare_digest(given.encode(), invite_token(token, claimed).encode())):
+            return JSONResponse({"error": "missing or wrong token"}, status_code=401)
+        request.state.annotator = claimed or None
         response = await call_next(request)
-        if token and request.query_params.get("token"):
-            response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict")
+        if request.query_params.get("token"):
+            response.set_cookie(TOKEN_COOKIE, given, httponly=True, samesite="strict")
+            if claimed:
+                response.set_cookie(ANNOTATOR_COOKIE, claimed, httponly=True, samesite="strict")
         return response
+
+    def as_annotator(request: Request, annotator: str) -> None:
+        invited = request.state.annotator
+        if invited is not None and annotator != invited:
+            raise HTTPException(403, f"this invite is {invited}'s; it cannot act as {annotator}")
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
@@ -64,13 +113,15 @@ def create_app(store: AnnotationStore, token: str | None = None) -> FastAPI:
         return Response(status_code=204)
 
     @app.get("/api/next")
-    def next_pair(annotator: str) -> dict:
+    def next_pair(request: Request, annotator: str) -> dict:
         if not 0 < len(annotator) <= 64:
             raise HTTPException(422, "annotator: 1 to 64 characters")
+        as_annotator(request, annotator)
         return store.next_pair(annotator)
 
     @app.post("/api/vote")
-    def vote(body: VoteRequest) -> dict:
+    def vote(request: Request, body: VoteRequest) -> dict:
+        as_annotator(request, body.annotator)
         try:
             new = store.vote(body.pair_id, body.outcome, body.annotator)
         except UserError as exc:
@@ -78,12 +129,15 @@ def create_app(store: AnnotationStore, token: str | None = None) -> FastAPI:
         return {"recorded": new, "next": store.next_pair(body.annotator)}  # committed before the next pair
 
     @app.post("/api/undo")
-    def undo(body: AnnotatorRequest) -> dict:
+    def undo(request: Request, body: AnnotatorRequest) -> dict:
+        as_annotator(request, body.annotator)
         pair = store.undo(body.annotator)
         return {"undone": pair is not None, "next": pair or store.next_pair(body.annotator)}
 
     @app.get("/img/{image_id}")
     def image(image_id: int) -> FileResponse:
+        if not 0 <= image_id <= MAX_ID:
+            raise HTTPException(404, "no such image")
         rel = store.image_path(image_id)
         path = root / rel if rel else None
         if path is None or not inside(root, path) or not path.is_file():
@@ -115,7 +169,9 @@ figcaption { font-size: .85em; color: #aaa; margin-top: .4em; }
 <script>
 const $ = (id) => document.getElementById(id);
 let pair = null, busy = false;
-$("annotator").value = localStorage.getItem("annotator") || "";
+const invited = new URLSearchParams(location.search).get("annotator");
+$("annotator").value = invited || localStorage.getItem("annotator") || "";
+if (invited) $("annotator").readOnly = true;  // an invite acts as this annotator only
 function name() { return $("annotator").value.trim(); }
 function show(data) {
   const p = data.progress || {};

@@ -22,7 +22,7 @@ from ..data.categories import metadata_rows
 from ..data.dataset import METADATA_FILE
 from ..data.synthetic import caption, render, sample_layout
 from ..errors import UserError
-from ..io import atomic_write_text
+from ..io import atomic_write_text, save_png
 from .store import AnnotationStore
 
 CATEGORY = {"poster": "Graphic Design/Poster", "infographic": "Graphic Design/Infographic",
@@ -67,7 +67,7 @@ def write_quality_dataset(folder: str | Path, prompts: int, per_prompt: int = 4,
         for j in range(per_prompt):
             quality = rng.random()
             rel = f"{CATEGORY[layout.kind]}/{layout.kind}_{i:04d}_{j}.png"
-            degrade(clean, quality, rng).save(folder / rel)
+            save_png(degrade(clean, quality, rng), folder / rel)
             rows.append(json.dumps({"file_name": rel, "text": text, "quality": round(quality, 6)}))
     atomic_write_text(folder / "metadata.jsonl", "\n".join(rows) + "\n")
     return folder

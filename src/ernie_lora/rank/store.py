@@ -75,8 +75,11 @@ class AnnotationStore:
         self.timeout = timeout
         if not self.path.exists():
             raise UserError(f"{self.path}: no annotation database (start with `ernie-lora rank serve DIR`)")
-        with self._connect() as con:
-            version = con.execute("PRAGMA user_version").fetchone()[0]
+        try:
+            with self._connect() as con:
+                version = con.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            raise UserError(f"{self.path}: not an SQLite database ({exc})") from None
         if version != SCHEMA_VERSION:
             raise UserError(f"{self.path}: not an annotation database of schema {SCHEMA_VERSION} (found {version})")
 
@@ -88,7 +91,10 @@ class AnnotationStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         con = sqlite3.connect(path, timeout=30.0, isolation_level=None)
         try:
-            con.execute("PRAGMA journal_mode=WAL")
+            try:
+                con.execute("PRAGMA journal_mode=WAL")
+            except sqlite3.DatabaseError as exc:
+                raise UserError(f"{path}: not an SQLite database ({exc}); choose another --db") from None
             version = con.execute("PRAGMA user_version").fetchone()[0]
             has_tables = con.execute("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0]
             if has_tables and version != SCHEMA_VERSION:

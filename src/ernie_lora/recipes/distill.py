@@ -20,6 +20,7 @@ from ..config import DistillRunConfig, SampleConfig
 from ..data.cache import build_caches, load_embedding
 from ..data.synthetic import pretraining_colours, split_captions
 from ..errors import UserError
+from ..io import read_text_file
 from ..lora.adapters import export_adapter
 from ..models import family_for
 from . import engine
@@ -110,7 +111,7 @@ def distill_prompts(cfg: DistillRunConfig) -> list[str]:
         path = Path(cfg.data.prompts_file)
         if not path.is_file():
             raise UserError(f"data.prompts_file: {path} does not exist")
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts = [line.strip() for line in read_text_file(path).splitlines() if line.strip()]
         if not prompts:
             raise UserError(f"data.prompts_file: {path} holds no prompts")
         return prompts

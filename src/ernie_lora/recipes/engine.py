@@ -21,7 +21,9 @@ import io
 import json
 import math
 import os
+import pickle
 import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,7 +58,14 @@ from ..models import ErnieImageFamily, parse_dtype
 from ..models.block_swap import BlockSwap, move_buffers
 from ..models.quantize import quantize_base
 from ..plots import save_image_grid, save_metric_plots
-from .run_dir import check_resume_config, latest_checkpoint, prepare_run_dir, record_run, save_checkpoint
+from .run_dir import (
+    check_resume_config,
+    checkpoint_dirs,
+    checkpoint_problem,
+    prepare_run_dir,
+    record_run,
+    save_checkpoint,
+)
 
 # -- 1. the run ------------------------------------------------------------------------------------------
 
@@ -344,16 +353,35 @@ class Checkpoints:
         return save_checkpoint(self.run.output, step, write, self.keep)
 
     def restore(self) -> int:
-        """Load the latest checkpoint into the live objects; returns its step."""
-        folder = latest_checkpoint(self.run.output)
-        for file, adapter in self.adapters.items():
-            set_lora_state(self.model.transformer, read_lora(folder / file)[0], str(folder / file), adapter)
-        # our own file; weights_only keeps torch.load from unpickling arbitrary objects all the same
-        state = torch.load(folder / "training_state.pt", map_location="cpu", weights_only=True)
-        for key, obj in self.states.items():
-            obj.load_state_dict(state[key])
-        _set_global_rng(state["rng"])
-        return int(state["step"])
+        """Load the newest intact checkpoint into the live objects (a damaged one is skipped, with a line saying
+        which and why); returns its step."""
+        for _, folder in reversed(checkpoint_dirs(self.run.output)):
+            problem = checkpoint_problem(folder)
+            if problem is None:
+                try:
+                    weights = {file: read_lora(folder / file)[0] for file in self.adapters}
+                    # our own file; weights_only keeps torch.load from unpickling arbitrary objects all the same
+                    state = torch.load(folder / "training_state.pt", map_location="cpu", weights_only=True)
+                    missing = [key for key in ("step", "rng", *self.states) if key not in state]
+                    if missing:
+                        raise KeyError(", ".join(missing))
+                except (UserError, OSError, RuntimeError, EOFError, KeyError, ValueError,
+                        pickle.UnpicklingError) as exc:
+                    problem = f"unreadable ({type(exc).__name__}: {str(exc)[:120]})"
+            if problem is not None:
+                if self.run.is_main:
+                    print(f"resume: skipped checkpoint {folder}: {problem}", file=sys.stderr)
+                continue
+            for file, adapter in self.adapters.items():
+                set_lora_state(self.model.transformer, weights[file], str(folder / file), adapter)
+            for key, obj in self.states.items():
+                obj.load_state_dict(state[key])
+            _set_global_rng(state["rng"])
+            if self.run.is_main:
+                print(f"resume: from {folder}", file=sys.stderr)
+            return int(state["step"])
+        raise UserError(f"--resume: no intact checkpoint in {self.run.output / 'checkpoints'} (each one is "
+                        "damaged; see the lines above)")
 
 
 # -- 5. metrics, progress, the loop -----------------------------------------------------------------------

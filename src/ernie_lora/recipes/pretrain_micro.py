@@ -35,7 +35,7 @@ from ..data.synthetic import BANDS, HELD_OUT, caption, pretraining_colours, rend
 from ..errors import UserError
 from ..eval.layout import score_image
 from ..flow import noisy_latents, sample_sigmas, velocity_target
-from ..io import atomic_write_json
+from ..io import atomic_write_json, write_entries_atomically
 from ..models import ERNIE_IMAGE
 from ..models.family import PIPELINE_BN_EPS
 from ..models.micro_arch import build_untrained_micro
@@ -194,35 +194,39 @@ def pretrain_micro(cfg: MicroPretrainConfig, output: str | Path, overwrite: bool
                                                cfg.eval_guidance)
     phases["eval"] = time.perf_counter() - t
 
-    output.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(output, safe_serialization=True)
-    save_loss_plot(list(range(1, len(vae_losses) + 1)), vae_losses, output / "vae_loss.png", "micro VAE loss")
-    save_loss_plot(list(range(1, len(dit_losses) + 1)), dit_losses, output / "dit_loss.png", "micro DiT loss")
-    save_image_grid(images[:24], output / "samples.png", columns=8)
-    with torch.no_grad():  # held-out colours must survive the VAE: reconstruct some
-        rng = random.Random(cfg.seed + 2)
-        held = [render(sample_layout(rng, colours=HELD_OUT["colours"], bands=HELD_OUT["bands"]), seed=i)
-                for i in range(4)]
-        held = torch.from_numpy(np.stack([np.asarray(im) for im in held])).permute(0, 3, 1, 2)
-        originals = to_unit(torch.cat([pixels[:4], held]))
-        recon = pipe.vae.decode(pipe.vae.encode(originals).latent_dist.mode()).sample
-    as_pil = [Image.fromarray(((t.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
-              for t in torch.cat([originals, recon])]
-    save_image_grid(as_pil, output / "vae_reconstructions.png", columns=8)
-    params = {name: sum(p.numel() for p in getattr(pipe, name).parameters())
-              for name in ("transformer", "vae", "text_encoder")}
-    report = {
-        "config": cfg.model_dump(),
-        "parameters": params,
-        "threads": torch.get_num_threads(),
-        "seconds": {k: round(v, 1) for k, v in phases.items()} | {"total": round(time.perf_counter() - started, 1)},
-        "vae_final_loss": float(np.mean(vae_losses[-50:])),
-        "dit_final_loss": float(np.mean(dit_losses[-50:])),
-        "eval": {"count": cfg.eval_count, "steps": cfg.eval_steps, "guidance": cfg.eval_guidance,
-                 "median_layout_fidelity": median, "mean_layout_fidelity": float(np.mean(scores)),
-                 "prompts": prompts[:8], "scores": [round(s, 3) for s in scores]},
-    }
-    atomic_write_json(output / "training_report.json", report)
+    report: dict = {}
+
+    def write(folder: Path) -> None:  # into a temp folder, then each entry renamed into place
+        pipe.save_pretrained(folder, safe_serialization=True)
+        save_loss_plot(list(range(1, len(vae_losses) + 1)), vae_losses, folder / "vae_loss.png", "micro VAE loss")
+        save_loss_plot(list(range(1, len(dit_losses) + 1)), dit_losses, folder / "dit_loss.png", "micro DiT loss")
+        save_image_grid(images[:24], folder / "samples.png", columns=8)
+        with torch.no_grad():  # held-out colours must survive the VAE: reconstruct some
+            rng = random.Random(cfg.seed + 2)
+            held = [render(sample_layout(rng, colours=HELD_OUT["colours"], bands=HELD_OUT["bands"]), seed=i)
+                    for i in range(4)]
+            held = torch.from_numpy(np.stack([np.asarray(im) for im in held])).permute(0, 3, 1, 2)
+            originals = to_unit(torch.cat([pixels[:4], held]))
+            recon = pipe.vae.decode(pipe.vae.encode(originals).latent_dist.mode()).sample
+        as_pil = [Image.fromarray(((t.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
+                  for t in torch.cat([originals, recon])]
+        save_image_grid(as_pil, folder / "vae_reconstructions.png", columns=8)
+        params = {name: sum(p.numel() for p in getattr(pipe, name).parameters())
+                  for name in ("transformer", "vae", "text_encoder")}
+        report.update({
+            "config": cfg.model_dump(),
+            "parameters": params,
+            "threads": torch.get_num_threads(),
+            "seconds": {k: round(v, 1) for k, v in phases.items()} | {"total": round(time.perf_counter() - started, 1)},
+            "vae_final_loss": float(np.mean(vae_losses[-50:])),
+            "dit_final_loss": float(np.mean(dit_losses[-50:])),
+            "eval": {"count": cfg.eval_count, "steps": cfg.eval_steps, "guidance": cfg.eval_guidance,
+                     "median_layout_fidelity": median, "mean_layout_fidelity": float(np.mean(scores)),
+                     "prompts": prompts[:8], "scores": [round(s, 3) for s in scores]},
+        })
+        atomic_write_json(folder / "training_report.json", report)
+
+    write_entries_atomically(output, write, last="model_index.json")
     print(json.dumps({k: report[k] for k in ("parameters", "seconds", "vae_final_loss", "dit_final_loss")}))
     print(f"median layout fidelity on {cfg.eval_count} fresh prompts of seen concepts: {median:.3f}")
     return report

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 from .. import __version__
 from ..config import dump_config
 from ..errors import UserError
-from ..io import atomic_write_json, atomic_write_text
+from ..io import atomic_write_json, atomic_write_text, fsync_path, fsync_tree, sha256_file
 
 RUN_FILES = ("config.yaml", "run.json", "lora.safetensors", "loss.csv", "loss.png", "metrics.csv", "metrics.png",
              "report.md", "report.png", "comparison.png", "validation.csv")
@@ -28,30 +28,87 @@ CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
 RESUMABLE_CHANGES = {"checkpoint", "sample", "provenance", "train.steps", "train.device", "logging"}
 
 
-def holds_run(output: Path) -> bool:
-    return any((output / name).exists() for name in RUN_FILES + RUN_DIRS)
+# Every output folder we write (a run, a proof, the demo) holds this marker: what wrote it and the names it may
+# write. --overwrite removes those names only, and only from a folder that holds the marker and nothing else.
+MARKER = ".ernie-lora-output.json"
+TEMP_RE = re.compile(r"^\..+\.tmp$|^\.tmp-")  # io.atomic_write's temp files, save_checkpoint's temp folders
 
 
-def prepare_run_dir(output: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to write over an existing run unless told to resume it or replace it."""
+def _owned_names(output: Path) -> tuple[str, list[str]] | None:
+    """(kind, names) from the marker; a run made before markers is recognised by its run.json; else None."""
+    try:
+        record = json.loads((output / MARKER).read_text(encoding="utf-8"))
+        names = [str(n) for n in record["names"]]
+        return str(record["kind"]), [n for n in names if "/" not in n and n not in ("", ".", "..")]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        if "recipe" in json.loads((output / "run.json").read_text(encoding="utf-8")):
+            return "run", list(RUN_FILES + RUN_DIRS)
+    except (OSError, ValueError, TypeError):
+        pass
+    return None
+
+
+def remove_stale_temps(folder: Path) -> list[str]:
+    """Temp files and folders a killed process of ours left behind in ``folder`` (and its checkpoints/)."""
+    removed = []
+    for parent in (folder, folder / "checkpoints"):
+        if not parent.is_dir():
+            continue
+        for child in parent.iterdir():
+            if TEMP_RE.match(child.name):
+                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+                removed.append(str(child))
+    return removed
+
+
+RUN_HINT = "pass --resume to continue it or --overwrite to replace it"
+
+
+def prepare_output(output: Path, kind: str, names: tuple[str, ...], *, resume: bool, overwrite: bool,
+                   what: str = "a run", hint: str = RUN_HINT) -> None:
+    """Make ``output`` ready for a ``kind`` that writes ``names``: refuse a folder holding earlier outputs unless
+    resuming or overwriting; ``--overwrite`` removes only what an ernie-lora output recorded in its marker wrote,
+    and refuses a folder that also holds anything else. Temp files a killed run left are removed."""
     if resume and overwrite:
         raise UserError("--resume and --overwrite exclude each other")
     if output.exists() and not output.is_dir():
         raise UserError(f"output {output}: exists and is not a folder")
-    if resume:
+    owned = _owned_names(output) if output.is_dir() else None
+    held = [name for name in names if (output / name).exists()]
+    if not resume and (held or owned):
+        if not overwrite:
+            raise UserError(f"output {output}: already holds {what} ({', '.join(held[:6]) or MARKER}); {hint}")
+        if owned is None:
+            raise UserError(f"output {output}: holds {', '.join(held[:6])} but no {MARKER}, so ernie-lora did not "
+                            "write it; --overwrite removes only ernie-lora's outputs: move these or choose another "
+                            "--output")
+        others = sorted(child.name for child in output.iterdir()
+                        if child.name not in owned[1] and child.name != MARKER and not TEMP_RE.match(child.name))
+        if others:
+            raise UserError(f"output {output}: also holds {', '.join(others[:6])}{' ...' if len(others) > 6 else ''}, "
+                            f"which the {owned[0]} there did not write; --overwrite replaces only a folder of "
+                            "ernie-lora's outputs: move them or choose another --output")
+        for name in owned[1]:
+            path = output / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+    output.mkdir(parents=True, exist_ok=True)
+    for path in remove_stale_temps(output):
+        print(f"removed {path}: a temp file of an interrupted run", file=sys.stderr)
+    if not (output / MARKER).exists() or not resume:
+        atomic_write_json(output / MARKER, {"kind": kind, "names": sorted(names)})
+
+
+def prepare_run_dir(output: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to write over an existing run unless told to resume it or replace it."""
+    if resume and not overwrite:
         if latest_checkpoint(output) is None:
             raise UserError(f"output {output}: no checkpoint to resume from (looked in {output / 'checkpoints'})")
-        return
-    if holds_run(output):
-        if not overwrite:
-            raise UserError(
-                f"output {output}: already holds a run; pass --resume to continue it or --overwrite to replace it"
-            )
-        for name in RUN_FILES:
-            (output / name).unlink(missing_ok=True)
-        for name in RUN_DIRS:
-            shutil.rmtree(output / name, ignore_errors=True)
-    output.mkdir(parents=True, exist_ok=True)
+    prepare_output(output, "run", RUN_FILES + RUN_DIRS, resume=resume, overwrite=overwrite)
 
 
 def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -141,6 +198,27 @@ def latest_checkpoint(output: Path) -> Path | None:
     return dirs[-1][1] if dirs else None
 
 
+CHECKSUMS = "checksums.json"
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a checkpoint folder cannot be trusted (a file missing, truncated or changed since it was written:
+    its sha256 differs from ``checksums.json``), or None. Folders from before checksums are trusted."""
+    try:
+        sums = json.loads((folder / CHECKSUMS).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        return f"{CHECKSUMS} unreadable ({type(exc).__name__})"
+    for name, digest in sorted(sums.items()):
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if sha256_file(path) != digest:
+            return f"{name} does not match its checksum (truncated or changed)"
+    return None
+
+
 def save_checkpoint(output: Path, step: int, write, keep: int) -> Path:
     """``write(folder)`` fills a temp folder that is then renamed into place; keeps the last ``keep``."""
     root = output / "checkpoints"
@@ -150,9 +228,12 @@ def save_checkpoint(output: Path, step: int, write, keep: int) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     write(tmp)
+    atomic_write_json(tmp / CHECKSUMS, {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()})
+    fsync_tree(tmp)  # every file on disk before the folder takes its final name
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    fsync_path(root)
     for _, old in checkpoint_dirs(output)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
