@@ -1,29 +1,44 @@
-"""Per-image generation time with LoRAs, as ratios to the base model, measured side by side.
+"""Denoising time with LoRAs, as ratios to the base model, measured side by side (interleaved).
 
-    python bench/lora_inference.py [--images 12] [--steps 24]
+    OMP_NUM_THREADS=1 python bench/lora_inference.py [--images 12] [--steps 24] [--threads 1]
 
-On micro ERNIE at 64x64 (CPU): base; base + one LoRA fused into the weights; base + one unfused
-LoRA (peft layers active); base + two stacked unfused LoRAs. Rank-16 LoRAs on attention and MLP.
-The four set-ups take turns image by image so machine noise hits them alike.
+1. micro ERNIE at 64x64 through ``ErnieImagePipeline`` (24 steps, CFG: batch 2): the base; one rank-16
+   LoRA fused for the call (``generate``'s default); the same unfused (peft's layers); two stacked
+   unfused; and unfused without the contiguous attention input (the strided ``bmm`` path).
+2. A 1024-wide ERNIE-architecture DiT (2 blocks, 8 heads, FFN 3072; the 8B's layers are 4096 wide), one
+   forward at 32x32 latent tokens + 64 text tokens, batch 2, the same five set-ups minus stacking.
+
+The set-ups take turns run by run so machine noise hits them alike; the first round is not counted;
+medians are printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from ernie_lora.generate import LoraSpec, load_loras
-from ernie_lora.lora.adapters import add_lora, lora_state_dict, peft_config_metadata, resolve_targets
-from ernie_lora.lora.files import save_lora
-from ernie_lora.models import ERNIE_IMAGE
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from ernie_lora.generate import LoraSpec, load_loras  # noqa: E402
+from ernie_lora.lora.adapters import add_lora, lora_state_dict, peft_config_metadata, resolve_targets  # noqa: E402
+from ernie_lora.lora.files import save_lora  # noqa: E402
+from ernie_lora.lora.formats import read_lora_file  # noqa: E402
+from ernie_lora.lora.tools import fuse_into  # noqa: E402
+from ernie_lora.models import ERNIE_IMAGE  # noqa: E402
+from ernie_lora.plan import build_dit  # noqa: E402
+
+WIDE = dict(hidden_size=1024, num_attention_heads=8, num_layers=2, ffn_hidden_size=3072, in_channels=128,
+            out_channels=128, text_in_dim=256, rope_axes_dim=(16, 56, 56))
 
 
-def random_lora(path: Path, seed: int) -> Path:
-    transformer = ERNIE_IMAGE.load_pipeline("micro", dtype="fp32", components=("transformer",)).transformer
+def random_lora(transformer, path: Path, seed: int) -> Path:
+    """A rank-16 LoRA on attention and MLP with visible B factors, added to ``transformer`` and saved."""
     torch.manual_seed(seed)
     config = add_lora(transformer, 16, 16, resolve_targets(transformer, "attn_mlp"))
     for name, param in transformer.named_parameters():
@@ -32,38 +47,100 @@ def random_lora(path: Path, seed: int) -> Path:
     return save_lora(path, lora_state_dict(transformer), peft_config_metadata(config))
 
 
+def timed_rounds(setups: dict, run, rounds: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {name: [] for name in setups}
+    for i in range(rounds + 1):
+        for name, target in setups.items():
+            start = time.perf_counter()
+            run(target, i)
+            if i:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def print_table(title: str, medians: dict[str, float], unit: str) -> None:
+    print(title)
+    base = medians["base"]
+    for name, t in medians.items():
+        print(f"  {name:30s} {t * 1000:8.1f} ms/{unit}  {t / base:5.3f}x base")
+
+
+def micro(tmp: Path, images: int, steps: int) -> None:
+    donor = ERNIE_IMAGE.load_pipeline("micro", dtype="fp32", components=("transformer",)).transformer
+    a = random_lora(donor, tmp / "a.safetensors", 0)
+    donor = ERNIE_IMAGE.load_pipeline("micro", dtype="fp32", components=("transformer",)).transformer
+    b = random_lora(donor, tmp / "b.safetensors", 1)
+    setups = {"base": ([], True, True), "one LoRA, fused": ([LoraSpec(a, 0.9)], True, True),
+              "one LoRA, unfused": ([LoraSpec(a, 0.9)], False, True),
+              "two LoRAs, unfused": ([LoraSpec(a, 0.6), LoraSpec(b, 0.6)], False, True),
+              "one LoRA, unfused, strided": ([LoraSpec(a, 0.9)], False, False)}
+    pipes = {}
+    for name, (loras, fuse, contiguous) in setups.items():
+        pipe = ERNIE_IMAGE.load_pipeline("micro", dtype="fp32")
+        pipe.set_progress_bar_config(disable=True)
+        load_loras(pipe, loras, fuse=fuse)
+        ERNIE_IMAGE.contiguous_attention_input(pipe.transformer, enable=contiguous)
+        pipes[name] = pipe
+    prompt = 'a poster with title "SALE", title band at the top, centered layout, blue theme'
+
+    def run(pipe, i):
+        pipe(prompt, height=64, width=64, num_inference_steps=steps, guidance_scale=3.0,
+             generator=torch.Generator().manual_seed(i))
+
+    with torch.no_grad():
+        medians = timed_rounds(pipes, run, images)
+    print_table(f"micro ERNIE (128 wide), 64x64, {steps} steps, CFG, {images} images each", medians, "image")
+
+
+def wide(tmp: Path, rounds: int) -> None:
+    torch.manual_seed(0)
+    base = build_dit(WIDE, torch.float32)
+    state = base.state_dict()
+
+    def copy():
+        model = build_dit(WIDE, torch.float32)
+        model.load_state_dict(state)
+        return model
+
+    unfused, strided, fused = copy(), copy(), copy()
+    path = random_lora(unfused, tmp / "wide.safetensors", 2)
+    random_lora(strided, tmp / "same.safetensors", 2)
+    fuse_into(fused, read_lora_file(path).modules, 1.0)
+    models = {"base": base, "one LoRA, fused": fused, "one LoRA, unfused": unfused,
+              "one LoRA, unfused, strided": strided}
+    for name, model in models.items():
+        model.eval().requires_grad_(False)
+        ERNIE_IMAGE.contiguous_attention_input(model, enable=not name.endswith("strided"))
+    side = 32
+    x = torch.randn(2, WIDE["in_channels"], side, side)
+    texts = [torch.randn(64, WIDE["text_in_dim"])] * 2
+    sigmas = torch.full((2,), 0.5)
+
+    def run(model, i):
+        ERNIE_IMAGE.predict_velocity(model, x, sigmas, texts)
+
+    with torch.no_grad():
+        medians = timed_rounds(models, run, rounds)
+    print_table(f"1024-wide DiT, 2 blocks, {side * side}+64 tokens, batch 2, {rounds} forwards each", medians,
+                "forward")
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=12)
     parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: as started)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from diffusers.utils import logging as dlog
 
     dlog.set_verbosity_error()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
     with tempfile.TemporaryDirectory() as tmp:
-        a, b = random_lora(Path(tmp) / "a.safetensors", 0), random_lora(Path(tmp) / "b.safetensors", 1)
-        setups = {"base": [], "fused": [LoraSpec(a, 0.9)], "unfused": [LoraSpec(a, 0.9)],
-                  "two stacked": [LoraSpec(a, 0.6), LoraSpec(b, 0.6)]}
-        pipes = {}
-        for name, loras in setups.items():
-            pipe = ERNIE_IMAGE.load_pipeline("micro", dtype="fp32")
-            pipe.set_progress_bar_config(disable=True)
-            load_loras(pipe, loras, fuse=name == "fused")
-            pipes[name] = pipe
-        times = {name: 0.0 for name in setups}
-        prompt = 'a poster with title "SALE", title band at the top, centered layout, blue theme'
-        for i in range(args.images + 1):  # the first round warms up and is not counted
-            for name, pipe in pipes.items():
-                start = time.perf_counter()
-                pipe(prompt, height=64, width=64, num_inference_steps=args.steps, guidance_scale=3.0,
-                     generator=torch.Generator().manual_seed(i))
-                if i:
-                    times[name] += time.perf_counter() - start
-    base = times["base"] / args.images
-    print(f"micro ERNIE, 64x64, {args.steps} steps, CFG, {args.images} images each, {torch.get_num_threads()} threads")
-    for name, total in times.items():
-        per = total / args.images
-        print(f"{name:12s} {per * 1000:7.1f} ms/image  {per / base:5.2f}x base")
+        micro(Path(tmp), args.images, args.steps)
+        wide(Path(tmp), args.rounds)
 
 
 if __name__ == "__main__":

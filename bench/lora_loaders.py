@@ -21,8 +21,8 @@ from safetensors.torch import load_file
 
 from ernie_lora.config import TrainRunConfig
 from ernie_lora.data.synthetic import write_synthetic_dataset
-from ernie_lora.lora.formats import FORMATS, read_lora_file, read_modules, write_modules
-from ernie_lora.lora.layouts import LOADERS, loader_view
+from ernie_lora.lora.formats import FORMATS, loader_view, read_lora_file, read_modules, write_modules
+from ernie_lora.lora.layouts import LOADERS
 from ernie_lora.models import build_tiny_pipeline
 from ernie_lora.recipes.lora import train
 

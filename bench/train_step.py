@@ -89,8 +89,8 @@ def run_scale(name: str, steps: int, batch: int, workdir: Path) -> float:
 
     def cached_batch(i):
         chosen = [cached[(i * batch + k) % len(cached)] for k in range(batch)]
-        return (torch.stack([load_latent(s.latent_file) for s in chosen]),
-                [load_embedding(s.text_file) for s in chosen])
+        return (torch.stack([load_latent(s.latent) for s in chosen]),
+                [load_embedding(s.text) for s in chosen])
 
     def plain_batch(i):
         chosen = [items[(i * batch + k) % len(items)] for k in range(batch)]

@@ -73,8 +73,8 @@ def test_training_with_caption_styles_uses_each_styles_cached_embedding(poster_d
     result = train(cfg, tmp_path / "run", progress=False)
     pipe = build_tiny_pipeline(0)
     sample = result.cache.samples[0]
-    assert len(sample.text_files) == 3 and len(set(sample.text_files)) == 3
-    for style, path in zip(STYLES, sample.text_files, strict=True):
+    assert len(sample.texts) == 3 and len(set(sample.texts)) == 3
+    for style, path in zip(STYLES, sample.texts, strict=True):
         expected = pipe.encode_prompt(restyle(sample.caption, style), device="cpu")[0]
         assert torch.equal(load_embedding(path).float(), expected)
     # three styles, three embeddings per caption, each encoded once: a second run encodes nothing

@@ -122,3 +122,23 @@ def test_readme_layout_section_is_the_tree():
     assert {n.removesuffix(".py") for n in listed} == actual
     sub = {f"{p.parent.name}/{p.stem}" for p in PACKAGE.glob("*/*.py") if p.name != "__init__.py"}
     assert {n.removesuffix(".py") for n in listed_sub} == {s.split("/", 1)[1] for s in sub}
+
+
+def test_commands_that_only_read_answer_without_torch(tmp_path):
+    """--help, a config error, lora info and lora verify never import torch (1.5 s here before anything
+    else); checked in a fresh interpreter, so what the test session loaded does not count."""
+    import subprocess
+    import sys
+
+    from test_generate import make_lora
+
+    lora = make_lora(tmp_path / "l.safetensors")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  stepz: 3\n")
+    probe = ("import sys\nfrom ernie_lora.cli import main\nsys.argv = ['ernie-lora', *sys.argv[1:]]\n"
+             "try:\n    main()\nexcept SystemExit:\n    pass\n"
+             "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr)")
+    for args in (["--help"], ["train", str(bad)], ["lora", "info", str(lora)], ["lora", "verify", str(lora)]):
+        done = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=60)
+        assert done.stderr.strip().endswith("NO-TORCH"), (args, done.stderr[-300:])
+    assert ": OK: header, layout and tensor hash" in done.stdout  # verify did its whole check

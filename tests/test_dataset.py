@@ -147,3 +147,80 @@ def test_resize_and_crop_and_rgb_conversion(tmp_path):
     assert load_rgb(tmp_path / "clear.png").getpixel((0, 0)) == (255, 255, 255)  # alpha over white
     Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16)).save(tmp_path / "deep.png")
     assert load_rgb(tmp_path / "deep.png").getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_every_batch_is_full_and_of_one_bucket_even_with_remainders():
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from ernie_lora.data.batches import BucketBatches
+    from ernie_lora.data.buckets import Bucket
+
+    sizes = {Bucket(32, 32): 5, Bucket(48, 16): 8, Bucket(16, 48): 2}  # remainders 1, 0 and a bucket < batch
+    samples = [SimpleNamespace(bucket=b, id=f"{b}-{i}") for b, n in sizes.items() for i in range(n)]
+    batches = BucketBatches(samples, 4, seed=5)
+    first_epoch = [batches.next() for _ in range(2 + 2 + 1)]  # ceil(5/4) + ceil(8/4) + ceil(2/4)
+    assert batches.epoch == 0 and batches.index == 5
+    for batch in first_epoch:
+        assert len(batch) == 4 and len({s.bucket for s in batch}) == 1
+    seen = Counter(s.id for batch in first_epoch for s in batch)
+    assert set(seen) == {s.id for s in samples}  # every image at least once an epoch
+    # the fill repeats the fewest images it can: 3 of the 5-bucket once more, the 2-bucket twice over
+    assert sorted(seen.values()) == sorted([2, 2, 2, 1, 1] + [1] * 8 + [2, 2])
+    state = batches.state_dict()
+    after = [[s.id for s in batches.next()] for _ in range(7)]  # into the next epoch
+    resumed = BucketBatches(samples, 4, seed=5)
+    resumed.load_state_dict(state)
+    assert [[s.id for s in resumed.next()] for _ in range(7)] == after
+    with pytest.raises(UserError, match="train.batch_size: 0 must be at least 1"):
+        BucketBatches(samples, 0, seed=5)
+
+
+def test_the_lora_recipe_trains_on_full_batches(poster_dataset, tmp_path, monkeypatch):
+    from conftest import tiny_config
+    from ernie_lora.data.batches import BucketBatches
+    from ernie_lora.recipes.lora import train
+
+    sizes = []
+    original = BucketBatches.next
+    monkeypatch.setattr(BucketBatches, "next", lambda self: sizes.append(len(batch := original(self))) or batch)
+    cfg = tiny_config(poster_dataset, tmp_path / "cache", train={"batch_size": 4, "steps": 5})  # 6 images
+    train(cfg, tmp_path / "run", progress=False)
+    assert sizes == [4] * 5
+
+
+def test_a_warm_check_opens_no_image_and_a_changed_one_is_checked_again(tmp_path, monkeypatch):
+    import os
+
+    from ernie_lora.data import dataset as dataset_module
+
+    for i, colour in enumerate([(10, 20, 30), (200, 10, 10), (10, 20, 30)]):
+        _good(tmp_path, f"img{i}", colour=colour, size=(64, 48))
+    Image.new("RGBA", (40, 40), (0, 0, 0, 0)).save(tmp_path / "alpha.png")
+    (tmp_path / "alpha.txt").write_text("a poster", encoding="utf-8")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    (tmp_path / "broken.txt").write_text("x", encoding="utf-8")
+    cold = check_dataset(tmp_path, min_side=48)
+    opened = []
+    real_open = dataset_module.Image.open
+    monkeypatch.setattr(dataset_module.Image, "open", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
+    warm = check_dataset(tmp_path, min_side=48)
+    assert opened == [tmp_path / "broken.png"]  # only the file that failed is read again
+    assert [str(f) for f in warm.findings] == [str(f) for f in cold.findings]
+    assert [(i.image, i.width, i.height, i.sha256) for i in warm.items] == [
+        (i.image, i.width, i.height, i.sha256) for i in cold.items]
+    assert any("duplicate image" in str(f) for f in warm.findings)  # from the cached hashes
+    shown = [str(f) for f in warm.findings]
+    assert any("mode RGBA" in f for f in shown) and any("40x40 is smaller" in f for f in shown)
+    # a replaced image (same name, new content and time) is decoded again; the others are not
+    opened.clear()
+    Image.new("RGB", (80, 80), (1, 2, 3)).save(tmp_path / "img1.png")
+    os.utime(tmp_path / "img1.png", ns=(1, 1))
+    again = check_dataset(tmp_path, min_side=48)
+    assert sorted(p.name for p in opened) == ["broken.png", "img1.png"]
+    assert {i.image.name: (i.width, i.height) for i in again.items}["img1.png"] == (80, 80)
+    # a damaged record is not trusted: everything is checked again
+    (tmp_path / ".ernie_lora_cache" / "checked.json").write_text("{not json")
+    opened.clear()
+    check_dataset(tmp_path, min_side=48)
+    assert len(opened) == 5

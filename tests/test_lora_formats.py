@@ -12,10 +12,11 @@ from safetensors.torch import load_file, save_file
 from conftest import run_cli, tiny_config
 from ernie_lora.errors import UserError
 from ernie_lora.generate import LoraSpec, generate, load_loras
-from ernie_lora.lora.formats import FORMATS, read_lora_file, read_modules, write_modules
-from ernie_lora.lora.layouts import LOADERS, loader_view
+from ernie_lora.lora.formats import FORMATS, loader_view, read_lora_file, read_modules, write_modules
+from ernie_lora.lora.info import verify_lora
+from ernie_lora.lora.layouts import LOADERS
 from ernie_lora.lora.modules import LoraModule
-from ernie_lora.lora.tools import fuse_into, merge_modules, verify_lora
+from ernie_lora.lora.tools import fuse_into, merge_modules
 from ernie_lora.models import build_tiny_pipeline
 from test_generate import make_lora
 

@@ -110,8 +110,8 @@ def _flow_loss(transformer, cached, seed=0, draws=8) -> float:
     with torch.no_grad():
         for _ in range(draws):
             for s in cached.samples:
-                x0 = load_latent(s.latent_file)[None]
-                text = load_embedding(s.text_file)
+                x0 = load_latent(s.latent)[None]
+                text = load_embedding(s.text)
                 noise = torch.randn(x0.shape, generator=g)
                 sigma = torch.rand(1, generator=g) * 0.8 + 0.1
                 pred = ERNIE_IMAGE.predict_velocity(transformer, noisy_latents(x0, noise, sigma), sigma, [text])

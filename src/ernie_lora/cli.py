@@ -359,9 +359,8 @@ def lora_info_cmd(
     kohya/musubi (lora_unet_), OneTrainer legacy (lora_transformer_), SimpleTuner LyCORIS (lycoris_),
     DiffSynth/OneTrainer bare keys (.lora_A.default.weight); LoRA, DoRA, LoHa, LoKr and full deltas.
     """
+    from .lora.info import lora_info
     from .lora.layouts import LAYOUTS
-    from .lora.modules import LoraModule, kind
-    from .lora.tools import lora_info
 
     info = lora_info(file, model)
     layout = next(row for row in LAYOUTS if row.name == info.format)
@@ -369,7 +368,8 @@ def lora_info_cmd(
     module = "<module_with_underscores>" if layout.flat else "<module>"
     typer.echo(f"layout:    {info.format}: {layout.prefix}{module}{layout.down} / {layout.up} (written by "
                f"{layout.writers})")
-    typer.echo(f"modules:   {info.modules} (" + ", ".join(f"{k}: {n}" for k, n in sorted(info.kinds.items())) + ")")
+    typer.echo(f"modules:   {len(info.modules)} (" + ", ".join(f"{k}: {n}" for k, n in sorted(info.kinds.items()))
+               + ")")
     if info.ranks:
         typer.echo("rank:      " + ", ".join(f"{r} ({n} modules)" for r, n in sorted(info.ranks.items())))
         typer.echo("alpha:     " + ", ".join(f"{a:g} ({n} modules)" for a, n in sorted(info.alphas.items()))
@@ -389,11 +389,9 @@ def lora_info_cmd(
     if info.fits is not None:
         typer.echo(f"fits {model}: {info.fits}")
     if modules:
-        from .lora.formats import read_modules
-
-        for name, module in read_modules(file)[0].items():
-            extra = f", rank {module.rank}, alpha {module.alpha:g}" if isinstance(module, LoraModule) else ""
-            typer.echo(f"  {name}: {kind(module)}{extra}")
+        for name, plan in info.modules.items():
+            extra = f", rank {plan.rank}, alpha {plan.alpha:g}" if plan.kind == "LoRA" else ""
+            typer.echo(f"  {name}: {plan.label}{extra}")
 
 
 @lora_app.command("verify")
@@ -401,7 +399,7 @@ def lora_verify(file: Path = typer.Argument(...)) -> None:
     """Check the header, the keys and the stored tensor hash; exit 1 only on a hash mismatch.
 
     A file from another tool has no hash: it is checked for readability and layout and passes."""
-    from .lora.tools import verify_lora
+    from .lora.info import verify_lora
 
     code, message = verify_lora(file)
     typer.echo(f"{file}: {'OK' if code == 0 else 'FAILED'}: {message}")
@@ -439,8 +437,8 @@ def lora_convert(
     overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
     """Rewrite a LoRA in one of our formats; every module's delta W stays the same (alpha / rank folded in)."""
-    from .lora.files import provenance
     from .lora.formats import FORMATS, read_lora_file, write_modules
+    from .lora.header import provenance
     from .lora.tools import convert_modules
 
     if format not in FORMATS:
@@ -548,7 +546,9 @@ def generate(
     prompts_file: Path | None = typer.Option(None, "--prompts-file", help="a text file, one prompt per line"),
     model: str | None = typer.Option(None, "--model", "-m", help="hub id, local folder or 'tiny'"),
     lora: list[str] = typer.Option([], "--lora", help="PATH[:STRENGTH], repeatable"),
-    fuse: bool = typer.Option(False, "--fuse", help="merge the LoRAs into the weights before sampling"),
+    fuse: bool = typer.Option(True, "--fuse/--no-fuse",
+                              help="write the LoRAs into the weights for the run (the base's speed); --no-fuse "
+                                   "keeps peft's LoRA layers"),
     steps: int | None = typer.Option(None, min=1, help="denoising steps (default 50; 8 with --turbo)"),
     guidance: float | None = typer.Option(None, help="CFG scale (default 4.0; 1.0 with --turbo)"),
     seed: int = typer.Option(0, help="seed of the first image; the next prompts use seed+1, ..."),

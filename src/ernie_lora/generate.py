@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,11 +20,12 @@ from PIL.PngImagePlugin import PngInfo
 
 from . import __version__
 from .captions.expand import expand_prompt
+from .cpu_threads import pick_cpu_threads
 from .errors import UserError
 from .io import atomic_write
 from .lora.files import read_lora_shapes
-from .lora.formats import read_lora_file, to_diffusers_state_dict
-from .lora.layouts import LOADERS, loader_view, same_delta
+from .lora.formats import loader_view, read_lora_file, same_delta, to_diffusers_state_dict
+from .lora.layouts import LOADERS
 from .lora.modules import is_plain
 from .lora.tools import check_fits, fuse_into
 from .models import ERNIE_IMAGE_TURBO, family_for
@@ -80,19 +83,23 @@ def _free_path(folder: Path, stem: str) -> Path:
     return path
 
 
-def load_loras(pipe, loras: list[LoraSpec], fuse: bool = False) -> list[str]:
-    """Load LoRA files of any layout into the pipeline at their strengths; returns warnings to show.
-
-    A file diffusers itself reads as meant goes through ``load_lora_weights(path)``; any other plain
-    LoRA is converted in memory (scale folded in). Modules that are not plain LoRAs (DoRA's
-    ``dora_scale``, LoHa, LoKr, full deltas) are written into the weights exactly, at their strength.
-    """
-    names, module_sets, notes = [], [], []
-    diffusers_rule = next(loader for loader in LOADERS if loader.name == "diffusers")
-    for i, spec in enumerate(loras):
-        name = f"lora_{i}"
-        lora = read_lora_file(spec.path)
+def _read_loras(pipe, loras: list[LoraSpec]) -> list:
+    files = [read_lora_file(spec.path) for spec in loras]
+    for spec, lora in zip(loras, files, strict=True):
         check_fits(spec.path, lora.modules, pipe.transformer)
+    return files
+
+
+def _apply_loras(pipe, loras: list[LoraSpec], files: list, fuse: bool) -> tuple[list[str], bool]:
+    """Put read LoRA files on the pipeline; (warnings to show, whether diffusers adapters were loaded)."""
+    if fuse:  # every module written into the weights at its strength, exactly as its loader applies it
+        for spec, lora in zip(loras, files, strict=True):
+            fuse_into(pipe.transformer, lora.modules, spec.strength)
+        return interference_warnings(loras, [set(lora.modules) for lora in files]), False
+    names, notes = [], []
+    diffusers_rule = next(loader for loader in LOADERS if loader.name == "diffusers")
+    for i, (spec, lora) in enumerate(zip(loras, files, strict=True)):
+        name = f"lora_{i}"
         plain = {n: m for n, m in lora.modules.items() if is_plain(m)}
         other = {n: m for n, m in lora.modules.items() if n not in plain}
         view = loader_view(diffusers_rule, lora.tensors, lora.header, spec.path)
@@ -105,15 +112,51 @@ def load_loras(pipe, loras: list[LoraSpec], fuse: bool = False) -> list[str]:
             fuse_into(pipe.transformer, other, spec.strength)
             notes.append(f"{spec.path.name}: {len(other)} module(s) beyond plain LoRA (DoRA, LoHa, LoKr or full "
                          "deltas) written into the weights at their strength")
-        module_sets.append(set(lora.modules))
         if plain or not other:
             names.append((name, spec.strength))
     if names:
         pipe.set_adapters([n for n, _ in names], [s for _, s in names])
-        if fuse:
-            pipe.fuse_lora(adapter_names=[n for n, _ in names], lora_scale=1.0)
-            pipe.unload_lora_weights()  # keeps the fused weights, drops the LoRA layers
-    return notes + interference_warnings(loras, module_sets)
+    return notes + interference_warnings(loras, [set(lora.modules) for lora in files]), bool(names)
+
+
+def load_loras(pipe, loras: list[LoraSpec], fuse: bool = False) -> list[str]:
+    """Load LoRA files of any layout into the pipeline at their strengths, for good; returns warnings.
+
+    Fused: every module is written into the weights (``fuse_into``: float64, as the file's loader
+    applies it). Unfused: a file diffusers itself reads as meant goes through ``load_lora_weights(path)``,
+    any other plain LoRA is converted in memory (scale folded in), and peft's layers apply them at each
+    step (strengths can then change with ``set_adapters``); modules that are not plain LoRAs (DoRA's
+    ``dora_scale``, LoHa, LoKr, full deltas) are written into the weights at their strength.
+    """
+    return _apply_loras(pipe, loras, _read_loras(pipe, loras), fuse)[0]
+
+
+@contextmanager
+def loras_applied(pipe, loras: list[LoraSpec], fuse: bool = True) -> Iterator[list[str]]:
+    """The LoRAs on ``pipe`` inside the block (yields warnings); afterwards the pipeline is exactly as
+    before: adapters unloaded and every weight a LoRA was written into restored bit for bit from a copy
+    kept in CPU memory (subtracting the delta again would leave rounding behind)."""
+    files = _read_loras(pipe, loras)
+    layers = dict(pipe.transformer.named_modules())
+    saved = {}
+    for name in sorted({name for lora in files for name in lora.modules}):
+        layer = layers[name]
+        bias = getattr(layer, "bias", None)
+        saved[name] = (layer.weight.detach().to("cpu", copy=True),
+                       None if bias is None else bias.detach().to("cpu", copy=True))
+    adapters = False
+    try:
+        warnings, adapters = _apply_loras(pipe, loras, files, fuse)
+        yield warnings
+    finally:
+        if adapters:
+            pipe.unload_lora_weights()
+        layers = dict(pipe.transformer.named_modules())
+        with torch.no_grad():
+            for name, (weight, bias) in saved.items():
+                layers[name].weight.copy_(weight)
+                if bias is not None:
+                    layers[name].bias.copy_(bias)
 
 
 def generate(
@@ -121,7 +164,7 @@ def generate(
     *,
     model: str | None = None,
     loras: list[LoraSpec] | None = None,
-    fuse: bool = False,
+    fuse: bool = True,
     steps: int | None = None,
     guidance: float | None = None,
     seed: int = 0,
@@ -135,7 +178,11 @@ def generate(
     device: str | None = None,
     pipe=None,
 ) -> list[Path]:
-    """Generate one PNG per prompt (seed, seed+1, ...) with prompt, seed, model and LoRAs in its metadata."""
+    """Generate one PNG per prompt (seed, seed+1, ...) with prompt, seed, model and LoRAs in its metadata.
+
+    LoRAs are fused for the call by default (their strengths are fixed for it: the base's speed) and
+    ``fuse=False`` keeps peft's layers. A ``pipe`` passed in is handed back as it came: adapters unloaded,
+    fused weights restored bit-exactly; a pipeline loaded here is not restored (it is dropped anyway)."""
     if not prompts:
         raise UserError("no prompts given (pass them as arguments or with --prompts-file)")
     family = ERNIE_IMAGE_TURBO if turbo else family_for(model)  # Turbo: 8 steps at guidance 1 by default
@@ -148,6 +195,8 @@ def generate(
     for spec in loras:
         read_lora_shapes(spec.path)  # fail on a bad file before loading an 8B model (header only)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    caller_pipe = pipe is not None
+    pick_cpu_threads(model, None, device)
     if pipe is None:
         pipe = family.load_pipeline(model, dtype=dtype, device=device, with_pe=use_pe)
     multiple = pipe.vae_scale_factor * pipe.transformer.config.patch_size
@@ -158,41 +207,44 @@ def generate(
     if use_pe and not model_pe:
         print(f"note: {model} has no Prompt Enhancer weights; expanding prompts with the rule-based expander",
               file=sys.stderr)
-    for warning in load_loras(pipe, loras, fuse):
-        print(f"warning: {warning}", file=sys.stderr)
-
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for i, prompt in enumerate(prompts):
-        image_seed = seed + i
-        revised = expand_prompt(prompt) if use_pe and not model_pe else None
-        result = pipe(
-            prompt=revised or prompt, negative_prompt=negative_prompt, height=height, width=width,
-            num_inference_steps=steps, guidance_scale=guidance,
-            generator=torch.Generator(device="cpu").manual_seed(image_seed), use_pe=model_pe,
-        )
-        image: Image.Image = result.images[0]
-        info = PngInfo()
-        fields = {
-            "prompt": prompt,
-            "seed": image_seed,
-            "model": model,
-            "loras": json.dumps([{"path": str(s.path), "strength": s.strength} for s in loras]),
-            "fused": fuse,
-            "steps": steps,
-            "guidance": guidance,
-            "width": width,
-            "height": height,
-            "negative_prompt": negative_prompt,
-            "prompt_enhancer": "model" if model_pe else ("rules" if use_pe else "off"),
-            "software": f"ernie-lora {__version__}",
-        }
-        if result.revised_prompts or revised:
-            fields["revised_prompt"] = result.revised_prompts[0] if result.revised_prompts else revised
-        for key, value in fields.items():
-            info.add_text(key, str(value))
-        path = _free_path(out_dir, f"{i:03d}-{_slug(prompt)}")
-        atomic_write(path, lambda tmp, image=image, info=info: image.save(tmp, format="PNG", pnginfo=info))
-        written.append(path)
+    applied = loras_applied(pipe, loras, fuse) if loras and caller_pipe else nullcontext(None)
+    with applied as warnings:
+        if warnings is None and loras:
+            warnings = load_loras(pipe, loras, fuse)
+        for warning in warnings or []:
+            print(f"warning: {warning}", file=sys.stderr)
+        out_dir.mkdir(parents=True, exist_ok=True)  # only once the LoRAs fit: a refused call leaves nothing
+        for i, prompt in enumerate(prompts):
+            image_seed = seed + i
+            revised = expand_prompt(prompt) if use_pe and not model_pe else None
+            result = pipe(
+                prompt=revised or prompt, negative_prompt=negative_prompt, height=height, width=width,
+                num_inference_steps=steps, guidance_scale=guidance,
+                generator=torch.Generator(device="cpu").manual_seed(image_seed), use_pe=model_pe,
+            )
+            image: Image.Image = result.images[0]
+            info = PngInfo()
+            fields = {
+                "prompt": prompt,
+                "seed": image_seed,
+                "model": model,
+                "loras": json.dumps([{"path": str(s.path), "strength": s.strength} for s in loras]),
+                "fused": fuse,
+                "steps": steps,
+                "guidance": guidance,
+                "width": width,
+                "height": height,
+                "negative_prompt": negative_prompt,
+                "prompt_enhancer": "model" if model_pe else ("rules" if use_pe else "off"),
+                "software": f"ernie-lora {__version__}",
+            }
+            if result.revised_prompts or revised:
+                fields["revised_prompt"] = result.revised_prompts[0] if result.revised_prompts else revised
+            for key, value in fields.items():
+                info.add_text(key, str(value))
+            path = _free_path(out_dir, f"{i:03d}-{_slug(prompt)}")
+            atomic_write(path, lambda tmp, image=image, info=info: image.save(tmp, format="PNG", pnginfo=info))
+            written.append(path)
     return written

@@ -1,4 +1,4 @@
-"""Batches of one aspect bucket, in an order fixed by (seed, epoch): the position is all resume needs."""
+"""Full batches of one aspect bucket, in an order fixed by (seed, epoch): the position is all resume needs."""
 
 from __future__ import annotations
 
@@ -10,13 +10,16 @@ from ..errors import UserError
 class BucketBatches:
     """Batches that share a bucket (samples with a ``bucket`` attribute), drawn epoch by epoch.
 
-    With several processes these are global batches; a bucket's last batch is dropped when it has
-    fewer samples than there are processes (every process needs at least one).
+    Every batch holds exactly ``batch_size`` samples: a bucket's last, short batch is filled by going
+    on through the same bucket's shuffled order from its start (a bucket smaller than a batch repeats
+    its samples). A short batch would cost a GPU a full step's time for a noisier gradient, and with
+    several processes (these are then global batches) each process gets its full share.
     """
 
-    def __init__(self, samples: list, batch_size: int, seed: int, min_size: int = 1,
-                 weights: list[float] | None = None):
-        self.samples, self.batch_size, self.seed, self.min_size = samples, batch_size, seed, min_size
+    def __init__(self, samples: list, batch_size: int, seed: int, weights: list[float] | None = None):
+        if batch_size < 1:
+            raise UserError(f"train.batch_size: {batch_size} must be at least 1")
+        self.samples, self.batch_size, self.seed = samples, batch_size, seed
         # hierarchical sampling: an epoch is len(samples) draws with replacement by these weights
         self.weights = torch.tensor(weights, dtype=torch.float64) if weights is not None else None
         self.epoch, self.index = 0, 0
@@ -31,15 +34,15 @@ class BucketBatches:
         for i in drawn:
             s = self.samples[i]
             by_bucket.setdefault((s.bucket.width, s.bucket.height), []).append(i)
+        if not by_bucket:
+            raise UserError("no training samples: the dataset is empty")
         batches = []
         for key in sorted(by_bucket):
             idx = by_bucket[key]
             order = [idx[j] for j in torch.randperm(len(idx), generator=g).tolist()]
-            batches += [order[k : k + self.batch_size] for k in range(0, len(order), self.batch_size)]
-        batches = [b for b in batches if len(b) >= self.min_size]
-        if not batches:
-            raise UserError(f"no bucket holds {self.min_size} images (one per process); add images or use "
-                            "fewer processes")
+            count = -(-len(order) // self.batch_size)  # ceil: every sample once, the last batch filled
+            cycled = [order[k % len(order)] for k in range(count * self.batch_size)]
+            batches += [cycled[k : k + self.batch_size] for k in range(0, len(cycled), self.batch_size)]
         return [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
 
     def next(self) -> list:

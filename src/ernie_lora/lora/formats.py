@@ -13,6 +13,7 @@ ComfyUI, peft and kohya-style loaders all apply exactly the same delta W at stre
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,10 +21,23 @@ import torch
 
 from ..errors import UserError
 from ..io import atomic_write_text
-from ..models import ERNIE_IMAGE
-from .files import adapter_metadata, read_lora, resolve_lora_path, save_lora
-from .layouts import OUR_FORMATS, build_modules, layout_name, parse_keys, peft_folder_config
-from .modules import LoraModule, Module, is_plain
+from ..models.names import flat_module_name
+from .files import read_lora, save_lora
+from .header import resolve_lora_path
+from .layouts import (
+    OUR_FORMATS,
+    Key,
+    Loader,
+    ModulePlan,
+    alpha_config,
+    group_roles,
+    layout_name,
+    loader_plan,
+    module_plan,
+    parse_keys,
+    split_key,
+)
+from .modules import Dora, FullModule, LohaModule, LokrModule, LoraModule, Module, is_plain
 
 FORMATS = OUR_FORMATS
 _PREFIX = {"diffusers": "transformer.", "comfy": "diffusion_model.", "peft": "base_model.model."}
@@ -43,19 +57,90 @@ def read_lora_file(path: str | Path) -> LoraFile:
     path = resolve_lora_path(path)
     tensors, header = read_lora(path)
     parsed = parse_keys(list(tensors), path)
-    config, source = adapter_metadata(header, path), "header lora_adapter_metadata"
-    if config is None:
-        config, source = peft_folder_config(path), "adapter_config.json"
-    if any(k.role == "alpha" for k in parsed.values()):
-        source = ".alpha tensors" + (f" (else {source})" if config is not None else "")
-    elif config is None:
-        source = "none in the file: alpha = rank"
+    config, source = alpha_config(parsed, header, path)
     modules = build_modules(tensors, parsed, config, path)
     for name, module in modules.items():
         for tensor in vars(module).values():
             if isinstance(tensor, torch.Tensor) and not bool(torch.isfinite(tensor).all()):
                 raise UserError(f"LoRA {path}: module {name} holds NaN or infinite values")
     return LoraFile(modules, layout_name(parsed), header, source, tensors)
+
+
+def build_modules(tensors: dict[str, torch.Tensor], parsed: dict[str, Key], config: dict | None,
+                  path: Path) -> dict[str, Module]:
+    """Group tensors by module and build each as ``layouts.module_plan`` decides (alpha from its tensor,
+    else ``config``, else rank)."""
+    source = f"LoRA {path}"
+    modules = {}
+    for name, keys in group_roles(parsed, path).items():
+        roles = {role: tensors[key] for role, key in keys.items()}
+        alpha = float(roles["alpha"]) if "alpha" in roles else None
+        plan = module_plan(name, {role: tuple(t.shape) for role, t in roles.items()}, alpha, config, source)
+        modules[name] = _materialise(plan, roles)
+    return modules
+
+
+def _two_d(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor[:, :, 0, 0] if tensor.dim() == 4 else tensor  # a 1x1 conv's factor is the linear it equals
+
+
+def _dora(plan: ModulePlan, roles: dict[str, torch.Tensor]) -> Dora | None:
+    if plan.dora is None:
+        return None
+    values = roles["magnitude"] if "magnitude" in roles else roles["dora_scale"]
+    return Dora(values.reshape(-1), plan.dora[0], strength_inside=plan.dora[1])
+
+
+def _materialise(plan: ModulePlan, roles: dict[str, torch.Tensor]) -> Module:
+    bias = roles.get("diff_b")
+    if plan.kind == "LoRA":
+        if "up_bias" in roles:  # peft's lora_bias runs through the scaling too
+            extra = roles["up_bias"].double() * plan.scale
+            bias = extra if bias is None else bias.double() + extra
+        return LoraModule(_two_d(roles["down"]).float(), _two_d(roles["up"]).float(), plan.alpha, plan.conv,
+                          _dora(plan, roles), bias)
+    if plan.kind == "LoHa":
+        parts = [roles[r].float() for r in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")]
+        return LohaModule(*parts, plan.alpha, bias=bias, dora=_dora(plan, roles))
+    if plan.kind == "LoKr":
+        w1, w2 = (roles[stem] if stem in roles else roles[f"{stem}_a"].double() @ roles[f"{stem}_b"].double()
+                  for stem in ("lokr_w1", "lokr_w2"))
+        return LokrModule(w1.float(), w2.float(), plan.scale, bias=bias, dora=_dora(plan, roles))
+    weight = roles.get("diff")
+    return FullModule(None if weight is None else weight.float(), None if bias is None else bias.float(), plan.conv)
+
+
+@dataclass
+class LoaderView:
+    """What one loader makes of a file: whether it loads it unchanged, and the modules it builds."""
+
+    loader: str
+    loads: bool
+    note: str
+    modules: dict[str, Module]
+    dropped: list[str]
+
+
+def loader_view(loader: Loader, tensors: dict[str, torch.Tensor], header: dict[str, str], path: Path
+                ) -> LoaderView:
+    """Run ``loader``'s documented rule (``layouts.loader_plan``) on a file and build what it reads."""
+    plan = loader_plan(loader, {key: split_key(key) for key in tensors}, header, path)
+    modules = build_modules({key: tensors[key] for key in plan.kept}, plan.kept, plan.config, path) if plan.loads \
+        else {}
+    return LoaderView(plan.loader, plan.loads, plan.note, modules, plan.dropped)
+
+
+def same_delta(a: Module, b: Module, rtol: float = 1e-5) -> bool:
+    """Whether two readings of one module change the weight alike (same kind, same delta to ``rtol``)."""
+    if type(a) is not type(b) or (a.dora is None) != (b.dora is None) or (a.bias is None) != (b.bias is None):
+        return False
+    if isinstance(a, LoraModule):
+        if not (torch.equal(a.down, b.down) and torch.equal(a.up, b.up)):
+            return bool(torch.allclose(a.delta(), b.delta(), rtol=rtol, atol=rtol * float(a.delta().abs().max())))
+        return math.isclose(a.scale, b.scale, rel_tol=rtol)
+    if isinstance(a, FullModule) and a.weight is None:
+        return True
+    return bool(torch.allclose(a.delta(), b.delta(), rtol=rtol))
 
 
 def read_modules(path: str | Path) -> tuple[dict[str, Module], str, dict[str, str]]:
@@ -87,7 +172,7 @@ def folded_state_dict(modules: dict[str, Module], fmt: str) -> dict[str, torch.T
         m = module.folded()
         down, up = _factor(m.down, m.conv).contiguous(), _factor(m.up, m.conv).contiguous()
         if fmt == "kohya":
-            stem = "lora_unet_" + ERNIE_IMAGE.flat_module_name(name)
+            stem = "lora_unet_" + flat_module_name(name)
             tensors[f"{stem}.lora_down.weight"] = down
             tensors[f"{stem}.lora_up.weight"] = up
             tensors[f"{stem}.alpha"] = torch.tensor(float(m.rank))

@@ -18,12 +18,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from ..errors import UserError
-from ..models import ERNIE_IMAGE
-from .files import adapter_metadata
-from .modules import Dora, FullModule, LohaModule, LokrModule, LoraModule, Module
+from ..models.names import is_module_path, module_from_flat
+from .header import adapter_metadata
 
 
 @dataclass(frozen=True)
@@ -104,9 +101,9 @@ def split_key(key: str) -> Key | None:
                 continue
             name = body[: -len(suffix)]
             if flat:
-                module = ERNIE_IMAGE.module_from_flat(name)
+                module = module_from_flat(name)
             else:
-                module = name if ERNIE_IMAGE.is_module_path(name) else None
+                module = name if is_module_path(name) else None
             if module is not None:
                 return Key(prefix, module, suffix)
     return None
@@ -180,110 +177,159 @@ def peft_folder_config(path: Path) -> dict | None:
     return config
 
 
-# -- building modules from parsed keys -----------------------------------------------------------------
+# -- what each module is, from its keys' shapes and its alpha ---------------------------------------------
 
 
-def _two_d(tensor: torch.Tensor, where: str) -> tuple[torch.Tensor, bool]:
-    """A factor as 2-D; 1x1-conv factors ([r, in, 1, 1]) are the linear they equal."""
-    if tensor.dim() == 4 and tensor.shape[2:] == (1, 1):
-        return tensor[:, :, 0, 0], True
-    if tensor.dim() != 2:
-        raise UserError(f"{where}: shape {list(tensor.shape)}: only linear and 1x1-conv LoRAs are supported")
-    return tensor, False
+@dataclass(frozen=True)
+class ModulePlan:
+    """What a module of a file is, decided from shapes and alpha alone (the tensors are read only to apply
+    it): every rule of reading lives here, so ``lora info`` (no torch) and the readers agree."""
+
+    kind: str  # LoRA, LoHa, LoKr, full delta
+    shape: tuple[int, ...]  # the weight change's shape ([out, in] for factors)
+    rank: int | None = None
+    alpha: float | None = None
+    scale: float | None = None  # what the change is multiplied by (alpha / rank; LoKr's alpha / dim)
+    conv: bool = False
+    dora: tuple[str, bool] | None = None  # (axis, strength inside the norm): ("rows", True) is peft's rule
+    bias: bool = False  # it changes the bias too
+    kron_dims: tuple[int | None, int | None] = (None, None)  # LoKr: ranks of factorised w1 / w2
+
+    @property
+    def label(self) -> str:
+        return self.kind + (" + DoRA" if self.dora else "") + (" + bias" if self.bias else "")
 
 
-def build_modules(tensors: dict[str, torch.Tensor], parsed: dict[str, Key], config: dict | None,
-                  path: Path) -> dict[str, Module]:
-    """Group tensors by module and build each module: alpha from its tensor, else ``config``, else rank."""
-    by_module: dict[str, dict[str, torch.Tensor]] = {}
+def alpha_config(parsed: dict[str, Key], header: dict[str, str], path: Path) -> tuple[dict | None, str]:
+    """The peft config alphas come from when a module has no ``.alpha`` tensor, and a line saying where
+    the file's alphas come from."""
+    config, source = adapter_metadata(header, path), "header lora_adapter_metadata"
+    if config is None:
+        config, source = peft_folder_config(path), "adapter_config.json"
+    if any(k.role == "alpha" for k in parsed.values()):
+        source = ".alpha tensors" + (f" (else {source})" if config is not None else "")
+    elif config is None:
+        source = "none in the file: alpha = rank"
+    return config, source
+
+
+def group_roles(parsed: dict[str, Key], path: Path) -> dict[str, dict[str, str]]:
+    """{module: {role: key}}; one line when a module has a role twice."""
+    by_module: dict[str, dict[str, str]] = {}
     for key, k in parsed.items():
         roles = by_module.setdefault(k.module, {})
         if k.role in roles:
             raise UserError(f"LoRA {path}: module {k.module} has two {k.role} tensors")
-        roles[k.role] = tensors[key]
-    source = f"LoRA {path}"
-    return {name: _build(name, roles, config, source) for name, roles in sorted(by_module.items())}
+        roles[k.role] = key
+    return dict(sorted(by_module.items()))
 
 
-def _dora(roles: dict[str, torch.Tensor], shape: tuple[int, int], where: str) -> Dora | None:
-    if "magnitude" in roles:
-        m = roles["magnitude"].reshape(-1)
-        if m.numel() != shape[0]:
-            raise UserError(f"{where}: lora_magnitude_vector has {m.numel()} values for {shape[0]} outputs")
-        return Dora(m, "rows", strength_inside=True)
-    if "dora_scale" in roles:
-        scale = roles["dora_scale"]
-        flat = scale.reshape(scale.shape[0], -1) if scale.dim() > 1 else scale.reshape(1, -1)
-        if flat.shape == (1, shape[1]):
-            return Dora(flat.reshape(-1), "columns", strength_inside=False)
-        if flat.shape == (shape[0], 1):
-            return Dora(flat.reshape(-1), "rows", strength_inside=False)
-        raise UserError(f"{where}: dora_scale shape {list(scale.shape)} fits neither [1, {shape[1]}] nor "
+def two_d_shape(shape: tuple[int, ...], where: str) -> tuple[tuple[int, int], bool]:
+    """A factor's shape as 2-D; 1x1-conv factors ([r, in, 1, 1]) are the linear they equal."""
+    if len(shape) == 4 and tuple(shape[2:]) == (1, 1):
+        return (shape[0], shape[1]), True
+    if len(shape) != 2:
+        raise UserError(f"{where}: shape {list(shape)}: only linear and 1x1-conv LoRAs are supported")
+    return (shape[0], shape[1]), False
+
+
+def _dora_plan(shapes: dict[str, tuple[int, ...]], shape: tuple[int, int], where: str) -> tuple[str, bool] | None:
+    if "magnitude" in shapes:
+        count = math.prod(shapes["magnitude"])
+        if count != shape[0]:
+            raise UserError(f"{where}: lora_magnitude_vector has {count} values for {shape[0]} outputs")
+        return "rows", True
+    if "dora_scale" in shapes:
+        scale = shapes["dora_scale"]
+        flat = (scale[0], math.prod(scale[1:])) if len(scale) > 1 else (1, math.prod(scale))
+        if flat == (1, shape[1]):
+            return "columns", False
+        if flat == (shape[0], 1):
+            return "rows", False
+        raise UserError(f"{where}: dora_scale shape {list(scale)} fits neither [1, {shape[1]}] nor "
                         f"[{shape[0]}, 1]")
     return None
 
 
-def _build(name: str, roles: dict[str, torch.Tensor], config: dict | None, source: str) -> Module:
+def module_plan(name: str, shapes: dict[str, tuple[int, ...]], alpha_tensor: float | None, config: dict | None,
+                source: str) -> ModulePlan:
+    """Decide what a module is: alpha from its tensor, else ``config``, else rank; every shape checked."""
     where = f"{source}: {name}"
     for refused, why in (("hada_t1", "CP-decomposed LoHa (hada_t1) is for convolutions"),
                          ("lokr_t2", "CP-decomposed LoKr (lokr_t2) is for convolutions"),
                          ("lora_mid", "LoCon's lora_mid is for convolutions")):
-        if refused in roles:
+        if refused in shapes:
             raise UserError(f"{where}: {why}; ERNIE-Image's adapted layers are linear")
-    alpha_tensor = float(roles["alpha"]) if "alpha" in roles else None
-    bias = roles.get("diff_b")
-    factor_roles = {r for r in roles if r in ("down", "up")}
+    bias = "diff_b" in shapes
+    factor_roles = {r for r in shapes if r in ("down", "up")}
     if factor_roles:
         if factor_roles != {"down", "up"}:
             raise UserError(f"LoRA {source.removeprefix('LoRA ')}: module {name!r} has only one of its two matrices")
-        down, conv = _two_d(roles["down"], where)
-        up, _ = _two_d(roles["up"], where)
-        if up.shape[1] != down.shape[0]:
-            raise UserError(f"{where}: shapes {list(up.shape)} @ {list(down.shape)} do not chain "
+        down, conv = two_d_shape(shapes["down"], where)
+        up, _ = two_d_shape(shapes["up"], where)
+        if up[1] != down[0]:
+            raise UserError(f"{where}: shapes {list(up)} @ {list(down)} do not chain "
                             "(the ranks of up and down differ)")
-        rank = down.shape[0]
+        rank = down[0]
         if alpha_tensor is not None:
             alpha = alpha_tensor
         elif config is not None:
             alpha = config_alpha(config, name, rank, source)
         else:
             alpha = float(rank)
-        if "up_bias" in roles:
-            extra = roles["up_bias"].double() * alpha / rank  # peft's lora_bias runs through the scaling too
-            bias = extra if bias is None else bias.double() + extra
-        return LoraModule(down.float(), up.float(), alpha, conv, _dora(roles, (up.shape[0], down.shape[1]), where),
-                          bias)
-    if "hada_w1_a" in roles:
-        parts = [roles.get(r) for r in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")]
-        if any(p is None for p in parts) or any(p.dim() != 2 for p in parts):
+        shape = (up[0], down[1])
+        return ModulePlan("LoRA", shape, rank, alpha, alpha / rank, conv, _dora_plan(shapes, shape, where),
+                          bias or "up_bias" in shapes)
+    if "hada_w1_a" in shapes:
+        parts = [shapes.get(r) for r in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")]
+        if any(p is None for p in parts) or any(len(p) != 2 for p in parts):
             raise UserError(f"{where}: LoHa needs 2-D hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b")
-        rank = parts[1].shape[0]
-        module = LohaModule(*[p.float() for p in parts], alpha_tensor if alpha_tensor is not None else float(rank),
-                            bias=bias)
-        module.dora = _dora(roles, module.shape, where)
-        return module
-    if any(r.startswith("lokr_") for r in roles):
-        w1, dim1 = _kron_factor(roles, "lokr_w1", where)
-        w2, dim2 = _kron_factor(roles, "lokr_w2", where)
+        rank = parts[1][0]
+        alpha = alpha_tensor if alpha_tensor is not None else float(rank)
+        shape = (parts[0][0], parts[1][1])
+        return ModulePlan("LoHa", shape, rank, alpha, alpha / rank, False, _dora_plan(shapes, shape, where), bias)
+    if any(r.startswith("lokr_") for r in shapes):
+        w1, dim1 = _kron_shape(shapes, "lokr_w1", where)
+        w2, dim2 = _kron_shape(shapes, "lokr_w2", where)
         dim = dim2 if dim2 is not None else dim1  # ComfyUI's rule: the factorised one's rank (w2 first)
         scale = alpha_tensor / dim if alpha_tensor is not None and dim is not None else 1.0
-        module = LokrModule(w1.float(), w2.float(), scale, bias=bias)
-        module.dora = _dora(roles, module.shape, where)
-        return module
-    if "diff" in roles or "diff_b" in roles:
-        weight = roles.get("diff")
-        conv = weight is not None and weight.dim() == 4
-        return FullModule(None if weight is None else weight.float(), None if bias is None else bias.float(), conv)
-    raise UserError(f"{where}: only {', '.join(sorted(roles))}; no LoRA factors")
+        shape = (w1[0] * w2[0], w1[1] * w2[1])
+        return ModulePlan("LoKr", shape, None, alpha_tensor, scale, False, _dora_plan(shapes, shape, where), bias,
+                          (dim1, dim2))
+    if "diff" in shapes or "diff_b" in shapes:
+        weight = shapes.get("diff")
+        return ModulePlan("full delta", tuple(weight) if weight is not None else (), conv=weight is not None
+                          and len(weight) == 4, bias=bias)
+    raise UserError(f"{where}: only {', '.join(sorted(shapes))}; no LoRA factors")
 
 
-def _kron_factor(roles: dict[str, torch.Tensor], stem: str, where: str) -> tuple[torch.Tensor, int | None]:
-    if stem in roles:
-        return roles[stem], None
-    a, b = roles.get(f"{stem}_a"), roles.get(f"{stem}_b")
+def _kron_shape(shapes: dict[str, tuple[int, ...]], stem: str, where: str) -> tuple[tuple[int, int], int | None]:
+    if stem in shapes:
+        return tuple(shapes[stem]), None
+    a, b = shapes.get(f"{stem}_a"), shapes.get(f"{stem}_b")
     if a is None or b is None:
         raise UserError(f"{where}: LoKr needs {stem} or both {stem}_a and {stem}_b")
-    return a.double() @ b.double(), b.shape[0]
+    return (a[0], b[1]), b[0]
+
+
+def module_plans(parsed: dict[str, Key], shapes: dict[str, tuple[int, ...]], alphas: dict[str, float],
+                 config: dict | None, path: Path) -> dict[str, ModulePlan]:
+    """Every module's plan: ``shapes`` and ``alphas`` (the ``.alpha`` tensors' values) by key."""
+    source = f"LoRA {path}"
+    plans = {}
+    for name, roles in group_roles(parsed, path).items():
+        alpha = alphas[roles["alpha"]] if "alpha" in roles else None
+        plans[name] = module_plan(name, {role: shapes[key] for role, key in roles.items()}, alpha, config, source)
+    return plans
+
+
+def same_plan(a: ModulePlan, b: ModulePlan, rtol: float = 1e-5) -> bool:
+    """Two readings of one module's keys change the weight alike (they read the same tensors, so kind,
+    DoRA, bias and scale decide)."""
+    if (a.kind, a.dora, a.bias) != (b.kind, b.dora, b.bias):
+        return False
+    return a.scale == b.scale or (a.scale is not None and b.scale is not None
+                                  and math.isclose(a.scale, b.scale, rel_tol=rtol))
 
 
 # -- the loaders -------------------------------------------------------------------------------------------
@@ -357,32 +403,32 @@ LOADER_NAMES = tuple(loader.name for loader in LOADERS)
 
 
 @dataclass
-class LoaderView:
-    """What one loader makes of a file: whether it loads it unchanged, and the modules it builds."""
+class LoaderPlan:
+    """What one loader makes of a file, from its keys and header: whether it loads it unchanged, which keys
+    it reads and with which peft config."""
 
     loader: str
     loads: bool
     note: str
-    modules: dict[str, Module] = field(default_factory=dict)
+    kept: dict[str, Key] = field(default_factory=dict)  # the keys it reads
+    config: dict | None = None
     dropped: list[str] = field(default_factory=list)  # modules or parts it skips
 
 
-def loader_view(loader: Loader, tensors: dict[str, torch.Tensor], header: dict[str, str], path: Path
-                ) -> LoaderView:
-    """Run ``loader``'s documented rule on a file (``tensors``, ``header``, its ``path``)."""
-    parsed = {key: split_key(key) for key in tensors}
+def loader_plan(loader: Loader, parsed: dict[str, Key | None], header: dict[str, str], path: Path) -> LoaderPlan:
+    """Run ``loader``'s documented rule on a file's parsed keys (``split_key`` of each), header and path."""
     unknown = [key for key, k in parsed.items() if k is None]
     if unknown:
-        return LoaderView(loader.name, False, f"unknown key {unknown[0]!r}")
+        return LoaderPlan(loader.name, False, f"unknown key {unknown[0]!r}")
     prefix = next(iter(parsed.values())).prefix
     if prefix not in loader.prefixes:
         shown = repr(prefix) if prefix else "bare module paths"
-        return LoaderView(loader.name, False, f"does not map {shown} keys ({loader.hint})")
+        return LoaderPlan(loader.name, False, f"does not map {shown} keys ({loader.hint})")
     config, alpha_from = None, "no alpha anywhere: alpha = rank"
     if loader.peft_folder:
         config = peft_folder_config(path)
         if config is None:
-            return LoaderView(loader.name, False, f"needs adapter_config.json beside adapter_model.safetensors "
+            return LoaderPlan(loader.name, False, f"needs adapter_config.json beside adapter_model.safetensors "
                                                   f"({loader.hint})")
         alpha_from = "adapter_config.json"
     elif loader.header:
@@ -391,10 +437,10 @@ def loader_view(loader: Loader, tensors: dict[str, torch.Tensor], header: dict[s
     roles = {k.role for k in parsed.values()}
     refused = sorted(roles & set(loader.refuses))
     if refused:
-        return LoaderView(loader.name, False, f"refuses files with {', '.join(refused)} keys ({loader.hint})")
+        return LoaderPlan(loader.name, False, f"refuses files with {', '.join(refused)} keys ({loader.hint})")
     unread = sorted({k.suffix for k in parsed.values() if ROLES[k.suffix] in ("down", "up")} - set(loader.factors))
     if unread:
-        return LoaderView(loader.name, False, f"does not read {', '.join(unread)} factors ({loader.hint})")
+        return LoaderPlan(loader.name, False, f"does not read {', '.join(unread)} factors ({loader.hint})")
     kept = {key: k for key, k in parsed.items()
             if k.role in ("down", "up") or k.role in loader.applies or (k.role == "alpha" and loader.alpha_tensor)}
     dropped = sorted({f"{k.module} ({k.role})" for key, k in parsed.items() if key not in kept})
@@ -402,19 +448,5 @@ def loader_view(loader: Loader, tensors: dict[str, torch.Tensor], header: dict[s
         alpha_from = ".alpha tensors"
     elif loader.alpha_tensor:
         alpha_from = "no .alpha tensor: scale 1.0"
-    modules = build_modules({key: tensors[key] for key in kept}, kept, config, path)
     note = alpha_from + (f"; skips {len(dropped)} part(s): {dropped[0]}" if dropped else "")
-    return LoaderView(loader.name, True, note, modules, dropped)
-
-
-def same_delta(a: Module, b: Module, rtol: float = 1e-5) -> bool:
-    """Whether two readings of one module change the weight alike (same kind, same delta to ``rtol``)."""
-    if type(a) is not type(b) or (a.dora is None) != (b.dora is None) or (a.bias is None) != (b.bias is None):
-        return False
-    if isinstance(a, LoraModule):
-        if not (torch.equal(a.down, b.down) and torch.equal(a.up, b.up)):
-            return bool(torch.allclose(a.delta(), b.delta(), rtol=rtol, atol=rtol * float(a.delta().abs().max())))
-        return math.isclose(a.scale, b.scale, rel_tol=rtol)
-    if isinstance(a, FullModule) and a.weight is None:
-        return True
-    return bool(torch.allclose(a.delta(), b.delta(), rtol=rtol))
+    return LoaderPlan(loader.name, True, note, kept, config, dropped)

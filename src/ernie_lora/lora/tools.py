@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -12,9 +10,6 @@ from diffusers import ErnieImageTransformer2DModel
 
 from ..errors import UserError
 from ..models import family_for
-from .files import METADATA_PREFIX, provenance, read_lora, resolve_lora_path, tensor_sha256
-from .formats import read_lora_file
-from .layouts import LOADERS, LoaderView, loader_view, same_delta
 from .modules import LoraModule, Module, apply, factors, is_plain, kind, to_plain, without_bias
 
 
@@ -57,71 +52,6 @@ def check_fits(path: str | Path, modules: dict[str, Module], transformer: torch.
     if problems:
         more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
         raise UserError(f"LoRA {path} does not match the model: {'; '.join(problems[:3])}{more}")
-
-
-@dataclass
-class LoraInfo:
-    path: Path
-    format: str
-    modules: int
-    kinds: dict[str, int]
-    ranks: dict[int, int]  # rank -> number of modules
-    alphas: dict[float, int]
-    alpha_source: str
-    size_bytes: int
-    provenance: dict[str, str] = field(default_factory=dict)
-    loaders: list[tuple[LoaderView, bool | None, str]] = field(default_factory=list)
-    fits: str | None = None  # None: not checked; "yes" or the first mismatch
-
-
-def loader_verdicts(path: Path, intended: dict[str, Module], tensors, header
-                    ) -> list[tuple[LoaderView, bool | None, str]]:
-    """For each loader: what it makes of the file, whether that is the delta the file means (None: it does
-    not load the file), and a line saying why."""
-    verdicts = []
-    for loader in LOADERS:
-        view = loader_view(loader, tensors, header, path)
-        if not view.loads:
-            verdicts.append((view, None, view.note))
-            continue
-        wrong = [n for n, m in intended.items() if n not in view.modules or not same_delta(m, view.modules[n])]
-        detail = view.note
-        if wrong:
-            a, b = intended[wrong[0]], view.modules.get(wrong[0])
-            ratio = (f"{b.scale / a.scale:.3g}x the meant delta" if isinstance(a, LoraModule)
-                     and isinstance(b, LoraModule) and a.scale else "not the meant delta")
-            detail += f": {ratio} in {len(wrong)} of {len(intended)} modules (e.g. {wrong[0]})"
-        verdicts.append((view, not wrong, detail))
-    return verdicts
-
-
-def lora_info(path: str | Path, model: str | None = None) -> LoraInfo:
-    path = resolve_lora_path(path)
-    lora = read_lora_file(path)
-    tensors, header, modules = lora.tensors, lora.header, lora.modules
-    ranks = Counter(m.rank for m in modules.values() if isinstance(m, LoraModule))
-    alphas = Counter(m.alpha for m in modules.values() if isinstance(m, LoraModule))
-    info = LoraInfo(path, lora.layout, len(modules), dict(Counter(kind(m) for m in modules.values())), dict(ranks),
-                    dict(alphas), lora.alpha_source, path.stat().st_size, provenance(header),
-                    loader_verdicts(path, modules, tensors, header))
-    if model is not None:
-        problems = fit_problems(modules, shape_model(model))
-        info.fits = "yes" if not problems else f"no: {'; '.join(problems[:3])}"
-    return info
-
-
-def verify_lora(path: str | Path) -> tuple[int, str]:
-    """(exit code, what was checked): 0 when the file reads and its stored tensor hash matches, or when it
-    carries no hash (a file from another tool: nothing to compare); 1 on a hash mismatch."""
-    tensors, metadata = read_lora(path)  # header integrity: a truncated or corrupt file fails here
-    read_lora_file(path)  # every key in a known layout, shapes that chain, finite values
-    stored = metadata.get(METADATA_PREFIX + "tensor_sha256")
-    if stored is None:
-        return 0, "no provenance (a file from another tool): header, keys and shapes check out, no hash to compare"
-    actual = tensor_sha256(tensors)
-    if actual != stored:
-        return 1, f"tensor hash mismatch: stored {stored[:16]}..., computed {actual[:16]}..."
-    return 0, f"header, layout and tensor hash ({stored[:16]}...) all check out"
 
 
 def base_weights(model: str | None, names: list[str]) -> dict[str, torch.Tensor]:

@@ -22,7 +22,6 @@ and the RMSNorms ``adaLN_sa_ln``, ``adaLN_mlp_ln``, ``self_attention.norm_q/norm
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import torch
@@ -30,13 +29,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from ..errors import UserError
 from . import loading
+from .names import flat_module_name, is_module_path, module_from_flat
 
-BLOCK_LINEARS = ("self_attention.to_q", "self_attention.to_k", "self_attention.to_v", "self_attention.to_out.0",
-                 "mlp.gate_proj", "mlp.up_proj", "mlp.linear_fc2")
-BLOCK_NORMS = ("adaLN_sa_ln", "adaLN_mlp_ln", "self_attention.norm_q", "self_attention.norm_k")
-TOP_LINEARS = ("text_proj", "time_embedding.linear_1", "time_embedding.linear_2", "adaLN_modulation.1",
-               "final_norm.linear", "final_linear")
-TOP_CONVS = ("x_embedder.proj",)
 # LoRA target presets: suffixes of module names (peft's target_modules match a name's last parts)
 TARGET_PRESETS: dict[str, list[str]] = {
     "attn": ["to_q", "to_k", "to_v", "to_out.0"],
@@ -52,15 +46,6 @@ FULL_TRANSFORMER_CONFIG = dict(
 )
 PIPELINE_BN_EPS = 1e-5  # ErnieImagePipeline un-normalises latents with this, not config.batch_norm_eps
 LATENT_PATCH = 2  # the pipeline packs 2x2 latent pixels into one token's channels (32 -> 128 for the 8B)
-
-
-def _flat(name: str) -> str:
-    return name.replace(".", "_")
-
-
-_FLAT_TOP = {_flat(n): n for n in TOP_LINEARS + TOP_CONVS}
-_FLAT_BLOCK = {_flat(n): n for n in BLOCK_LINEARS + BLOCK_NORMS}
-_FLAT_LAYER = re.compile(r"^layers_(\d+)_(.+)$")
 
 
 @dataclass(frozen=True)
@@ -96,6 +81,12 @@ class ErnieImageFamily:
                 return dict(FULL_TRANSFORMER_CONFIG)
             raise
 
+    def block_parameters(self, name: str, revision: str | None = None) -> int:
+        """The weights of the DiT's repeated blocks (attention and MLP linears), from its config alone."""
+        cfg = self.transformer_config(name, revision)
+        hidden, ffn = cfg["hidden_size"], cfg["ffn_hidden_size"]
+        return cfg["num_layers"] * (4 * hidden * hidden + 3 * hidden * ffn)
+
     def pixel_multiple(self, name: str, revision: str | None = None) -> int:
         """Pixels per token side: VAE downsampling x the 2x2 patchify x the DiT's patch (16 for ERNIE-Image)."""
         try:
@@ -129,32 +120,16 @@ class ErnieImageFamily:
         """The repeated blocks (what block swap moves, FSDP shards and regional compile compiles)."""
         return transformer.layers
 
+    contiguous_attention_input = staticmethod(loading.contiguous_attention_input)
+
     @staticmethod
     def quantizable(module: torch.nn.Module, name: str) -> bool:
         """torchao's filter (module, qualified name): linears, but the precision-sensitive ends."""
         return isinstance(module, torch.nn.Linear) and not any(part in name for part in KEEP_FULL_PRECISION)
 
-    @staticmethod
-    def flat_module_name(module: str) -> str:
-        """kohya's spelling of a module path: dots become underscores (``layers_0_self_attention_to_q``)."""
-        return _flat(module)
-
-    @staticmethod
-    def module_from_flat(flat: str) -> str | None:
-        """The module path a kohya-style name stands for; None when it names no ERNIE-Image module.
-
-        Underscores are ambiguous (``to_out_0``, ``adaLN_sa_ln``), so names are matched against ERNIE's
-        own module list rather than split."""
-        if flat in _FLAT_TOP:
-            return _FLAT_TOP[flat]
-        m = _FLAT_LAYER.match(flat)
-        if m and m.group(2) in _FLAT_BLOCK:
-            return f"layers.{m.group(1)}.{_FLAT_BLOCK[m.group(2)]}"
-        return None
-
-    def is_module_path(self, name: str) -> bool:
-        """True for a dotted DiT module path (``layers.3.mlp.up_proj``, ``final_linear``)."""
-        return self.module_from_flat(_flat(name)) == name
+    flat_module_name = staticmethod(flat_module_name)
+    module_from_flat = staticmethod(module_from_flat)
+    is_module_path = staticmethod(is_module_path)
 
     # -- numerics, as ErnieImagePipeline computes them -----------------------------------------------------
     @staticmethod

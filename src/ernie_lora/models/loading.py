@@ -120,7 +120,7 @@ def load_pipeline(
                 setattr(pipe, comp, None)  # register_modules keeps the config entry, drops the module
         if torch_dtype != torch.float32:  # the tiny model is built in fp32
             pipe.to(dtype=torch_dtype)
-        return pipe.to(device)
+        return _for_inference(pipe.to(device))
     # diffusers skips a component passed as None; that is how a partial pipeline is loaded.
     skip = {comp: None for comp in COMPONENTS if comp not in wanted}
     source = _source(name)
@@ -130,7 +130,31 @@ def load_pipeline(
         if _is_local(name):
             raise UserError(f"model folder {source}: not a diffusers ERNIE-Image folder ({exc})") from None
         raise _missing_weights_error(name, exc) from None
-    return pipe.to(device)
+    return _for_inference(pipe.to(device))
+
+
+def _for_inference(pipe: ErnieImagePipeline) -> ErnieImagePipeline:
+    if pipe.transformer is not None:
+        contiguous_attention_input(pipe.transformer)
+    return pipe
+
+
+def contiguous_attention_input(transformer: ErnieImageTransformer2DModel, enable: bool = True) -> None:
+    """Hand each block's attention a contiguous input (``enable=False`` takes that away again).
+
+    ERNIE's blocks run sequence-first and give attention ``x.permute(1, 0, 2)``; on that strided view
+    q/k/v (and peft's lora_A) run as batched ``bmm`` instead of one ``addmm``, measured slower with two
+    CPU threads (bench/lora_inference.py). One copy of the block's input costs less."""
+    handles = transformer.__dict__.pop("_contiguous_attention_hooks", [])
+    for handle in handles:
+        handle.remove()
+    if enable:
+        transformer._contiguous_attention_hooks = [
+            block.self_attention.register_forward_pre_hook(_contiguous_first_argument) for block in transformer.layers]
+
+
+def _contiguous_first_argument(module: torch.nn.Module, args: tuple) -> tuple | None:
+    return (args[0].contiguous(), *args[1:]) if args else None
 
 
 def load_transformer(

@@ -54,8 +54,8 @@ def run_distill(cfg: DistillRunConfig, output: str | Path, *, resume: bool = Fal
     if cfg.data.resolution % multiple:
         raise UserError(f"data.resolution: {cfg.data.resolution} must be a multiple of {multiple}")
     model = engine.setup_model(run, family, cfg.model, cfg.lora, tcfg)
-    embeddings = [load_embedding(cached.prompt_files[p]) for p in prompts]
-    empty = load_embedding(cached.empty_text_file)
+    embeddings = [load_embedding(cached.prompt_texts[p]) for p in prompts]
+    empty = load_embedding(cached.empty_text)
     dmd = DistributionMatching(cfg, model, embeddings, empty, run.device, multiple)
     optimisation = engine.make_optimisation(model.params, tcfg)
     checkpoints = engine.Checkpoints(

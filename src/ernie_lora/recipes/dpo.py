@@ -123,7 +123,7 @@ def run_dpo(cfg: DpoRunConfig, output: str | Path, *, resume: bool = False, over
         bar.note(f"step {step}: LoRA {lora}", event="lora", step=step, path=lora)
         # before / after: the LoRA's starting weights (the reference) and the trained ones, on pair prompts
         prompts = list(dict.fromkeys(s.chosen.caption for s in samples))[:4]
-        texts = {s.chosen.caption: load_embedding(s.chosen.text_file) for s in samples}
+        texts = {s.chosen.caption: load_embedding(s.chosen.text) for s in samples}
         sampler = engine.Sampler(family, cfg.model, SampleConfig(), [texts[p] for p in prompts], empty,
                                  model.transformer, run.device, cfg.data.resolution,
                                  labels=[p[:60] for p in prompts])
@@ -158,11 +158,11 @@ class PreferenceStep:
     def __call__(self, _: int, scale: float) -> dict[str, float]:
         ts, device, beta = self.cfg.train.timesteps, self.run.device, self.cfg.dpo.beta
         batch = self.batches.next()
-        x_w = torch.stack([load_latent(s.chosen.latent_file) for s in batch])
-        x_l = torch.stack([load_latent(s.rejected.latent_file) for s in batch])
+        x_w = torch.stack([load_latent(s.chosen.latent) for s in batch])
+        x_l = torch.stack([load_latent(s.rejected.latent) for s in batch])
         noise = torch.randn(x_w.shape, generator=self.generator)  # shared by chosen and rejected
         sigmas = sample_sigmas(len(batch), self.generator, ts.sampling, self.shift, ts.logit_mean, ts.logit_std)
-        texts = [load_embedding(s.chosen.text_file) for s in batch] * 2
+        texts = [load_embedding(s.chosen.text) for s in batch] * 2
         x0 = torch.cat([x_w, x_l]).to(device, torch.float32)
         noise2, sigmas2 = torch.cat([noise, noise]).to(device), torch.cat([sigmas, sigmas]).to(device)
         x_t, target = noisy_latents(x0, noise2, sigmas2), velocity_target(x0, noise2).float()
@@ -211,4 +211,4 @@ def prepare_pairs(cfg: DpoRunConfig, run: engine.Run, family: ErnieImageFamily
     cached = build_caches(chosen_items + rejected_items, buckets, cache_dir, cfg.model.name, crop=cfg.data.crop,
                           vae_dtype=cfg.model.vae_dtype, text_dtype=cfg.model.dtype, device=run.device,
                           revision=cfg.model.revision)
-    return pair_samples(pairs_file, pairs, cached.samples), load_embedding(cached.empty_text_file)
+    return pair_samples(pairs_file, pairs, cached.samples), load_embedding(cached.empty_text)

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..config import BaseModelConfig, LoggingConfig, LoraConfig, SampleConfig, TrainConfig
+from ..cpu_threads import pick_cpu_threads
 from ..errors import UserError
 from ..io import atomic_write_text
 from ..lora.adapters import (
@@ -120,7 +121,9 @@ def open_run(output: str | Path, cfg: BaseModel, recipe: str, *, resume: bool, o
         if resume:
             check_resume_config(output, cfg, force)
     run.wait()
+    pick_cpu_threads(cfg.model.name, cfg.model.revision, run.device, announce=run.is_main)
     return run
+
 
 
 def close_run(run: Run) -> None:

@@ -16,7 +16,6 @@ batch N*b. The main process alone writes files.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,7 +121,7 @@ def _train(cfg: TrainRunConfig, run: engine.Run, resume: bool, stop_after: int |
     bar = engine.Progress(run, tcfg.steps, step, progress, engine.Trackers(run, cfg.logging, cfg))
     watch = Watch(cfg, run, family, model, data, stages, bar, step)
     micro_step = FlowMatchingStep(cfg, run, family, model, batches[0], generator,
-                                  load_embedding(data.cached.empty_text_file))
+                                  load_embedding(data.cached.empty_text))
     for i, (stage, stage_batch) in enumerate(zip(stages, batches, strict=True)):
         if step >= stage.end or (stop_after is not None and step >= stop_after):
             continue
@@ -153,7 +152,7 @@ def stage_batches(cfg: TrainRunConfig, run: engine.Run, data: PreparedData, stag
     sampling = cfg.data.sampling
     weights = sampling_weights(sampling.by, Path(cfg.data.path), [s.image for s in data.stages[0]],
                                sampling.aesthetic, sampling.temperature, sampling.depth)
-    return [BucketBatches(samples, stage.batch_size * run.world, cfg.train.seed, min_size=run.world,
+    return [BucketBatches(samples, stage.batch_size * run.world, cfg.train.seed,
                           weights=weights) for samples, stage in zip(data.stages, stages, strict=True)]
 
 
@@ -170,16 +169,16 @@ class Watch:
         self.after: Path | None = None
         self.samples_dir = run.output / "samples"
         active = run.is_main or model.setup["fsdp"]  # under FSDP every process runs the forward passes
-        empty = load_embedding(data.cached.empty_text_file)
+        empty = load_embedding(data.cached.empty_text)
         self.sampler = None
         if cfg.sample.prompts and active:
             self.sampler = engine.Sampler(family, cfg.model, cfg.sample,
-                                          [load_embedding(data.cached.prompt_files[p]) for p in cfg.sample.prompts],
+                                          [load_embedding(data.cached.prompt_texts[p]) for p in cfg.sample.prompts],
                                           empty, model.transformer, run.device, cfg.data.resolution)
         self.validation = None
         if data.validation and active:
             shown = data.validation[:cfg.validation.samples]
-            sampler = engine.Sampler(family, cfg.model, cfg.sample, [load_embedding(s.text_file) for s in shown],
+            sampler = engine.Sampler(family, cfg.model, cfg.sample, [load_embedding(s.text) for s in shown],
                                      empty, model.transformer, run.device, cfg.data.resolution,
                                      labels=[s.caption[:60] for s in shown]) if shown else None
             self.validation = Validation(cfg, run, family, model, data.validation, sampler)
@@ -282,10 +281,10 @@ class FlowMatchingStep:
         n_styles = len(self.cfg.data.caption_styles)  # one style per sample, drawn only when there is a choice
         style = torch.randint(n_styles, (n,), generator=g).tolist() if n_styles > 1 else [0] * n
         mine = list(range(run.rank, n, run.world))  # this process's slice of the global batch (never empty)
-        x0 = torch.stack([load_latent(batch[i].latent_file) for i in mine]).to(run.device, torch.float32)
+        x0 = torch.stack([load_latent(batch[i].latent) for i in mine]).to(run.device, torch.float32)
         noise = torch.randn((n, *x0.shape[1:]), generator=g)  # one bucket: one latent shape
         sigmas = sample_sigmas(n, g, ts.sampling, self.shift, ts.logit_mean, ts.logit_std)
-        texts = [self.empty if drop[i] else load_embedding(batch[i].text_files[style[i]]) for i in mine]
+        texts = [self.empty if drop[i] else load_embedding(batch[i].texts[style[i]]) for i in mine]
         noise_mine, sigmas_mine = noise[mine].to(run.device), sigmas[mine].to(run.device)
         with self.model.autocast_context():
             pred = self.family.predict_velocity(self.model.transformer, noisy_latents(x0, noise_mine, sigmas_mine),
@@ -305,7 +304,7 @@ class FlowMatchingStep:
 
 def prepare_data(cfg: TrainRunConfig, run: engine.Run, family: ErnieImageFamily, stages: list[Stage]) -> PreparedData:
     """Check the dataset, hold out the validation set, bucket the images at every stage's resolution and cache
-    their latents and embeddings in one pass (the main process encodes)."""
+    their latents and embeddings in one pass (split over the processes)."""
     multiple = family.pixel_multiple(cfg.model.name, cfg.model.revision)
     step_px = cfg.data.bucket_multiple or multiple
     if step_px % multiple:
@@ -322,12 +321,12 @@ def prepare_data(cfg: TrainRunConfig, run: engine.Run, family: ErnieImageFamily,
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(cfg.data.path) / CACHE_DIR_NAME
     styles = cfg.data.caption_styles
     groups = [(items, buckets[s.resolution]) for s in stages] + [(held_out, buckets[largest])]
-    # the main process encodes; the others find everything cached
-    with run.procs.main_process_first() if run.procs else contextlib.nullcontext():
-        cached, samples = build_cache_groups(
-            groups, cache_dir, cfg.model.name, crop=cfg.data.crop, prompts=cfg.sample.prompts,
-            vae_dtype=cfg.model.vae_dtype, text_dtype=cfg.model.dtype, device=run.device, revision=cfg.model.revision,
-            wordings=lambda caption: [restyle(caption, style) for style in styles],
-        )
+    # each process encodes its share of what is missing; all then read the same shards
+    cached, samples = build_cache_groups(
+        groups, cache_dir, cfg.model.name, crop=cfg.data.crop, prompts=cfg.sample.prompts,
+        vae_dtype=cfg.model.vae_dtype, text_dtype=cfg.model.dtype, device=run.device, revision=cfg.model.revision,
+        wordings=lambda caption: [restyle(caption, style) for style in styles], rank=run.rank, world=run.world,
+        barrier=run.wait,
+    )
     cached.samples = samples[-2]  # the last stage's: what TrainResult.cache has always held
     return PreparedData(report, items, cached, samples[:-1], samples[-1])

@@ -75,7 +75,7 @@ class Validation:
         self.samples = samples
         self.num_train_timesteps = family.num_train_timesteps(cfg.model.name, cfg.model.revision)
         generator = torch.Generator().manual_seed(cfg.data.validation_seed)
-        self.noise = [torch.randn((len(cfg.validation.sigmas), *load_latent(s.latent_file).shape), generator=generator)
+        self.noise = [torch.randn((len(cfg.validation.sigmas), *load_latent(s.latent).shape), generator=generator)
                       for s in samples]  # fixed once: the same noise at every validation of every run
         self.captions = [s.caption for s in samples[:cfg.validation.samples]]
         self.sampler = sampler  # of the first validation.samples captions (None: no scored samples)
@@ -90,9 +90,9 @@ class Validation:
         sigmas = torch.tensor(self.cfg.validation.sigmas, dtype=torch.float32, device=self.run.device)
         losses = []
         for sample, noise in zip(self.samples, self.noise, strict=True):
-            x0 = load_latent(sample.latent_file).to(self.run.device, torch.float32).expand(len(sigmas), -1, -1, -1)
+            x0 = load_latent(sample.latent).to(self.run.device, torch.float32).expand(len(sigmas), -1, -1, -1)
             noise = noise.to(self.run.device)
-            texts = [load_embedding(sample.text_file)] * len(sigmas)
+            texts = [load_embedding(sample.text)] * len(sigmas)
             with self.model.autocast_context():
                 pred = self.family.predict_velocity(transformer, noisy_latents(x0, noise, sigmas), sigmas, texts,
                                                     self.num_train_timesteps)
