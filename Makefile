@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml scripts/install_torch.sh scripts/install_fonts.sh scrip
 # one pytest worker per core, one thread each: tiny models gain nothing from two threads, and two
 # multi-threaded torch processes on two cores wait on each other at every small op
 test: setup
-	OMP_NUM_THREADS=1 $(PY) -m pytest -n auto
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n auto --dist worksteal
 
 lint: setup
 	$(VENV)/bin/ruff check src tests bench scripts

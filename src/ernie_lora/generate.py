@@ -90,12 +90,12 @@ def _read_loras(pipe, loras: list[LoraSpec]) -> list:
     return files
 
 
-def _apply_loras(pipe, loras: list[LoraSpec], files: list, fuse: bool) -> tuple[list[str], bool]:
-    """Put read LoRA files on the pipeline; (warnings to show, whether diffusers adapters were loaded)."""
+def _apply_loras(pipe, loras: list[LoraSpec], files: list, fuse: bool) -> tuple[list[str], list[str]]:
+    """Put read LoRA files on the pipeline; (warnings to show, the diffusers adapters it loaded)."""
     if fuse:  # every module written into the weights at its strength, exactly as its loader applies it
         for spec, lora in zip(loras, files, strict=True):
             fuse_into(pipe.transformer, lora.modules, spec.strength)
-        return interference_warnings(loras, [set(lora.modules) for lora in files]), False
+        return interference_warnings(loras, [set(lora.modules) for lora in files]), []
     names, notes = [], []
     diffusers_rule = next(loader for loader in LOADERS if loader.name == "diffusers")
     for i, (spec, lora) in enumerate(zip(loras, files, strict=True)):
@@ -116,7 +116,7 @@ def _apply_loras(pipe, loras: list[LoraSpec], files: list, fuse: bool) -> tuple[
             names.append((name, spec.strength))
     if names:
         pipe.set_adapters([n for n, _ in names], [s for _, s in names])
-    return notes + interference_warnings(loras, [set(lora.modules) for lora in files]), bool(names)
+    return notes + interference_warnings(loras, [set(lora.modules) for lora in files]), [n for n, _ in names]
 
 
 def load_loras(pipe, loras: list[LoraSpec], fuse: bool = False) -> list[str]:
@@ -144,13 +144,16 @@ def loras_applied(pipe, loras: list[LoraSpec], fuse: bool = True) -> Iterator[li
         bias = getattr(layer, "bias", None)
         saved[name] = (layer.weight.detach().to("cpu", copy=True),
                        None if bias is None else bias.detach().to("cpu", copy=True))
-    adapters = False
+    had_adapters = any(pipe.get_list_adapters().values())
+    adapters: list[str] = []
     try:
         warnings, adapters = _apply_loras(pipe, loras, files, fuse)
         yield warnings
     finally:
-        if adapters:
-            pipe.unload_lora_weights()
+        if adapters and had_adapters:
+            pipe.delete_adapters(adapters)  # only ours: the caller's adapters stay
+        elif adapters:
+            pipe.unload_lora_weights()  # peft's wrapper layers go too: the model as it came
         layers = dict(pipe.transformer.named_modules())
         with torch.no_grad():
             for name, (weight, bias) in saved.items():

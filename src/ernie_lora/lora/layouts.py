@@ -7,7 +7,9 @@ wherever it says anything: each loader below then applies exactly the trained de
 
 ``LAYOUTS``: one row per key layout found in ERNIE-Image LoRA files (prefix, factor suffixes, where
 alpha lives, who writes it). ``LOADERS``: each loader's documented behaviour, as a rule this module
-can run on a file (``loader_view``), so ``lora info`` and the tests can say what each loader does.
+can run on a file's keys (``loader_plan``), so ``lora info`` and the tests can say what each loader does.
+``module_plan`` decides what each module is (kind, rank, alpha, DoRA, bias) from shapes and alpha alone.
+Plain Python: ``lora info`` reads a file without torch; ``formats`` builds the tensors by these rules.
 """
 
 from __future__ import annotations
@@ -337,7 +339,7 @@ def same_plan(a: ModulePlan, b: ModulePlan, rtol: float = 1e-5) -> bool:
 
 @dataclass(frozen=True)
 class Loader:
-    """One loader's documented behaviour, as data ``loader_view`` runs on a file."""
+    """One loader's documented behaviour, as data ``loader_plan`` runs on a file."""
 
     name: str
     doc: str
