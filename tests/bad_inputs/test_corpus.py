@@ -201,6 +201,14 @@ def rank_mismatch_lora(tmp: Path) -> Path:
     return save_lora(tmp / "rank.safetensors", tensors)
 
 
+def vector_alpha_lora(tmp: Path) -> Path:
+    """A kohya file whose .alpha holds two numbers (an alpha is one)."""
+    stem = "lora_unet_layers_0_self_attention_to_q"
+    return lora(tmp, "alpha.safetensors", tensors={f"{stem}.lora_down.weight": torch.randn(4, 64),
+                                                   f"{stem}.lora_up.weight": torch.randn(64, 4),
+                                                   f"{stem}.alpha": torch.tensor([4.0, 8.0])})
+
+
 def _foreign_tensors() -> dict[str, torch.Tensor]:
     """A LoRA for a deeper model: layer 40 is in no ERNIE-Image (the 8B has 36 layers, tiny 2)."""
     return {"transformer.layers.0.self_attention.to_q.lora_A.weight": torch.randn(4, 64),
@@ -383,6 +391,11 @@ CASES: list[Case] = [
          ["w.safetensors"]),
     Case("lora info NaN", lora_cmd(nan_lora, "lora", "info", "{lora}"), ["nan.safetensors", "NaN or infinite"]),
     Case("lora info B rank != A rank", lora_cmd(rank_mismatch_lora, "lora", "info", "{lora}"), ["rank.safetensors"]),
+    Case("lora info alpha of two values", lora_cmd(vector_alpha_lora, "lora", "info", "{lora}"),
+         ["alpha.safetensors", "holds 2 values; an alpha is one number"]),
+    Case("lora convert alpha of two values",
+         lora_cmd(vector_alpha_lora, "lora", "convert", "{lora}", "{tmp}/c.safetensors"),
+         ["alpha.safetensors", "holds 2 values; an alpha is one number"]),
     Case("generate with a NaN LoRA", gen_with_lora(nan_lora), ["nan.safetensors", "NaN or infinite"]),
     Case("generate with an Inf LoRA", gen_with_lora(inf_lora), ["inf.safetensors", "NaN or infinite"]),
     Case("generate with a rank-mismatched LoRA", gen_with_lora(rank_mismatch_lora), ["rank.safetensors"]),

@@ -131,12 +131,12 @@ def _open_shard(shard: Path):
     return safe_open(str(shard), framework="pt", device="cpu")
 
 
-def load_latent(ref: CacheRef) -> torch.Tensor:
+def load_entry(ref: CacheRef) -> torch.Tensor:
+    """One cached tensor, copied out of its shard's memory map."""
     return _open_shard(ref.shard).get_tensor(ref.key)
 
 
-def load_embedding(ref: CacheRef) -> torch.Tensor:
-    return _open_shard(ref.shard).get_tensor(ref.key)
+load_latent = load_embedding = load_entry  # the names say what a call site reads
 
 
 def latent_key(item: Item, vae_fp: str, bucket: Bucket, crop: str) -> str:

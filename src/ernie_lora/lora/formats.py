@@ -30,10 +30,11 @@ from .layouts import (
     Loader,
     ModulePlan,
     alpha_config,
+    alpha_value,
     group_roles,
     layout_name,
     loader_plan,
-    module_plan,
+    module_plans,
     parse_keys,
     split_key,
 )
@@ -68,16 +69,14 @@ def read_lora_file(path: str | Path) -> LoraFile:
 
 def build_modules(tensors: dict[str, torch.Tensor], parsed: dict[str, Key], config: dict | None,
                   path: Path) -> dict[str, Module]:
-    """Group tensors by module and build each as ``layouts.module_plan`` decides (alpha from its tensor,
-    else ``config``, else rank)."""
-    source = f"LoRA {path}"
-    modules = {}
-    for name, keys in group_roles(parsed, path).items():
-        roles = {role: tensors[key] for role, key in keys.items()}
-        alpha = float(roles["alpha"]) if "alpha" in roles else None
-        plan = module_plan(name, {role: tuple(t.shape) for role, t in roles.items()}, alpha, config, source)
-        modules[name] = _materialise(plan, roles)
-    return modules
+    """Build each module as ``layouts.module_plans`` decides from the shapes and ``.alpha`` values (alpha from
+    its tensor, else ``config``, else rank)."""
+    shapes = {key: tuple(t.shape) for key, t in tensors.items()}
+    alphas = {key: alpha_value(key, tensors[key].reshape(-1).tolist(), path)
+              for key, k in parsed.items() if k.role == "alpha"}
+    plans = module_plans(parsed, shapes, alphas, config, path)
+    return {name: _materialise(plans[name], {role: tensors[key] for role, key in keys.items()})
+            for name, keys in group_roles(parsed, path).items()}
 
 
 def _two_d(tensor: torch.Tensor) -> torch.Tensor:

@@ -24,13 +24,13 @@ from ..errors import UserError
 METADATA_PREFIX = "ernie_lora."
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' header key for the peft config
 
-# safetensors dtype -> (torch's name for it, as hashed; numpy dtype, None where numpy has none)
+# safetensors dtype -> (torch's name for it, as hashed; numpy dtype, None where numpy has none; bytes each)
 DTYPES = {
-    "F64": ("torch.float64", "<f8"), "F32": ("torch.float32", "<f4"), "F16": ("torch.float16", "<f2"),
-    "BF16": ("torch.bfloat16", None), "F8_E4M3": ("torch.float8_e4m3fn", None),
-    "F8_E5M2": ("torch.float8_e5m2", None), "I64": ("torch.int64", "<i8"), "I32": ("torch.int32", "<i4"),
-    "I16": ("torch.int16", "<i2"), "I8": ("torch.int8", "i1"), "U8": ("torch.uint8", "u1"),
-    "BOOL": ("torch.bool", "?"),
+    "F64": ("torch.float64", "<f8", 8), "F32": ("torch.float32", "<f4", 4), "F16": ("torch.float16", "<f2", 2),
+    "BF16": ("torch.bfloat16", None, 2), "F8_E4M3": ("torch.float8_e4m3fn", None, 1),
+    "F8_E5M2": ("torch.float8_e5m2", None, 1), "I64": ("torch.int64", "<i8", 8), "I32": ("torch.int32", "<i4", 4),
+    "I16": ("torch.int16", "<i2", 2), "I8": ("torch.int8", "i1", 1), "U8": ("torch.uint8", "u1", 1),
+    "BOOL": ("torch.bool", "?", 1),
 }
 
 
@@ -57,9 +57,7 @@ class RawTensor:
             return not bool(np.any((np.frombuffer(self.data, dtype="<u2") & exponent) == exponent))
         if self.dtype in ("F32", "F64"):
             return bool(np.isfinite(np.frombuffer(self.data, dtype=DTYPES[self.dtype][1])).all())
-        if self.dtype.startswith("F8"):
-            return True  # e4m3fn has no infinity; its NaN is left to the torch side
-        return True
+        return True  # integers; float8 (e4m3fn has no infinity; its NaN is left to the torch side)
 
 
 def resolve_lora_path(path: str | Path) -> Path:
@@ -104,9 +102,8 @@ def read_raw(path: str | Path) -> tuple[dict[str, RawTensor], dict[str, str]]:
     for key, entry in header.items():
         try:
             dtype, shape, (start, end) = entry["dtype"], tuple(int(n) for n in entry["shape"]), entry["data_offsets"]
-            width = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2}.get(dtype, 1)
             count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-            valid = dtype in DTYPES and 0 <= start <= end <= len(body) and end - start == count * width
+            valid = dtype in DTYPES and 0 <= start <= end <= len(body) and end - start == count * DTYPES[dtype][2]
         except (KeyError, TypeError, ValueError):
             valid = False
         if not valid:

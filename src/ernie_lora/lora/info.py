@@ -13,9 +13,11 @@ from ..errors import UserError
 from .header import METADATA_PREFIX, RawTensor, provenance, raw_digest, read_raw, resolve_lora_path
 from .layouts import (
     LOADERS,
+    Key,
     LoaderPlan,
     ModulePlan,
     alpha_config,
+    alpha_value,
     layout_name,
     loader_plan,
     module_plans,
@@ -48,43 +50,42 @@ class LoraInfo:
         return dict(Counter(m.alpha for m in self.modules.values() if m.kind == "LoRA"))
 
 
-def _alphas(raw: dict[str, RawTensor], parsed, path: Path) -> dict[str, float]:
-    """The ``.alpha`` tensors' values (scalars)."""
-    values = {}
-    for key, k in parsed.items():
-        if k.role == "alpha":
-            array = raw[key].as_float64()
-            if array.size != 1:
-                raise UserError(f"LoRA {path}: {key} holds {array.size} values; an alpha is one number")
-            values[key] = float(array.reshape(-1)[0])
-    return values
+@dataclass
+class _Read:
+    raw: dict[str, RawTensor]
+    header: dict[str, str]
+    parsed: dict[str, Key]
+    shapes: dict[str, tuple[int, ...]]
+    alphas: dict[str, float]  # the ``.alpha`` tensors' values
+    alpha_source: str
+    plans: dict[str, ModulePlan]
 
 
-def _read(path: Path) -> tuple[dict[str, RawTensor], dict[str, str], dict, str, dict[str, ModulePlan], str]:
+def _read(path: Path) -> _Read:
+    """The file read once: header, keys, shapes, alphas and each module's plan; every tensor finite."""
     raw, header = read_raw(path)
     parsed = parse_keys(list(raw), path)
     config, source = alpha_config(parsed, header, path)
     shapes = {key: t.shape for key, t in raw.items()}
-    plans = module_plans(parsed, shapes, _alphas(raw, parsed, path), config, path)
+    alphas = {key: alpha_value(key, raw[key].as_float64().reshape(-1).tolist(), path)
+              for key, k in parsed.items() if k.role == "alpha"}
+    plans = module_plans(parsed, shapes, alphas, config, path)
     for key, k in parsed.items():
         if not raw[key].finite():
             raise UserError(f"LoRA {path}: module {k.module} holds NaN or infinite values")
-    return raw, header, parsed, source, plans, layout_name(parsed)
+    return _Read(raw, header, parsed, shapes, alphas, source, plans)
 
 
-def loader_verdicts(path: Path, plans: dict[str, ModulePlan], raw: dict[str, RawTensor], parsed, header
-                    ) -> list[tuple[LoaderPlan, bool | None, str]]:
+def loader_verdicts(path: Path, read: _Read) -> list[tuple[LoaderPlan, bool | None, str]]:
     """For each loader: what it makes of the file, whether that is the change the file means (None: it does
     not load the file), and a line saying why."""
-    shapes = {key: t.shape for key, t in raw.items()}
-    alphas = _alphas(raw, parsed, path)
-    verdicts = []
+    plans, verdicts = read.plans, []
     for loader in LOADERS:
-        plan = loader_plan(loader, dict(parsed), header, path)
+        plan = loader_plan(loader, dict(read.parsed), read.header, path)
         if not plan.loads:
             verdicts.append((plan, None, plan.note))
             continue
-        seen = module_plans(plan.kept, shapes, alphas, plan.config, path)
+        seen = module_plans(plan.kept, read.shapes, read.alphas, plan.config, path)
         wrong = [n for n, m in plans.items() if n not in seen or not same_plan(m, seen[n])]
         detail = plan.note
         if wrong:
@@ -98,9 +99,9 @@ def loader_verdicts(path: Path, plans: dict[str, ModulePlan], raw: dict[str, Raw
 
 def lora_info(path: str | Path, model: str | None = None) -> LoraInfo:
     path = resolve_lora_path(path)
-    raw, header, parsed, source, plans, layout = _read(path)
-    info = LoraInfo(path, layout, plans, source, path.stat().st_size, provenance(header),
-                    loader_verdicts(path, plans, raw, parsed, header))
+    read = _read(path)
+    info = LoraInfo(path, layout_name(read.parsed), read.plans, read.alpha_source, path.stat().st_size,
+                    provenance(read.header), loader_verdicts(path, read))
     if model is not None:
         # deliberate: only a fit check needs the model's shapes, and with them torch and diffusers
         from .formats import read_lora_file
@@ -115,11 +116,11 @@ def verify_lora(path: str | Path) -> tuple[int, str]:
     """(exit code, what was checked): 0 when the file reads and its stored tensor hash matches, or when it
     carries no hash (a file from another tool: nothing to compare); 1 on a hash mismatch."""
     path = resolve_lora_path(path)
-    raw, header, *_ = _read(path)  # header integrity, every key in a known layout, shapes that chain, finite
-    stored = header.get(METADATA_PREFIX + "tensor_sha256")
+    read = _read(path)  # header integrity, every key in a known layout, shapes that chain, finite
+    stored = read.header.get(METADATA_PREFIX + "tensor_sha256")
     if stored is None:
         return 0, "no provenance (a file from another tool): header, keys and shapes check out, no hash to compare"
-    actual = raw_digest(raw)
+    actual = raw_digest(read.raw)
     if actual != stored:
         return 1, f"tensor hash mismatch: stored {stored[:16]}..., computed {actual[:16]}..."
     return 0, f"header, layout and tensor hash ({stored[:16]}...) all check out"

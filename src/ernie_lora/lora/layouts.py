@@ -195,7 +195,6 @@ class ModulePlan:
     conv: bool = False
     dora: tuple[str, bool] | None = None  # (axis, strength inside the norm): ("rows", True) is peft's rule
     bias: bool = False  # it changes the bias too
-    kron_dims: tuple[int | None, int | None] = (None, None)  # LoKr: ranks of factorised w1 / w2
 
     @property
     def label(self) -> str:
@@ -296,8 +295,7 @@ def module_plan(name: str, shapes: dict[str, tuple[int, ...]], alpha_tensor: flo
         dim = dim2 if dim2 is not None else dim1  # ComfyUI's rule: the factorised one's rank (w2 first)
         scale = alpha_tensor / dim if alpha_tensor is not None and dim is not None else 1.0
         shape = (w1[0] * w2[0], w1[1] * w2[1])
-        return ModulePlan("LoKr", shape, None, alpha_tensor, scale, False, _dora_plan(shapes, shape, where), bias,
-                          (dim1, dim2))
+        return ModulePlan("LoKr", shape, None, alpha_tensor, scale, False, _dora_plan(shapes, shape, where), bias)
     if "diff" in shapes or "diff_b" in shapes:
         weight = shapes.get("diff")
         return ModulePlan("full delta", tuple(weight) if weight is not None else (), conv=weight is not None
@@ -312,6 +310,13 @@ def _kron_shape(shapes: dict[str, tuple[int, ...]], stem: str, where: str) -> tu
     if a is None or b is None:
         raise UserError(f"{where}: LoKr needs {stem} or both {stem}_a and {stem}_b")
     return (a[0], b[1]), b[0]
+
+
+def alpha_value(key: str, values: list[float], path: Path) -> float:
+    """An ``.alpha`` tensor's one number (its values flattened); one line when it holds more or none."""
+    if len(values) != 1:
+        raise UserError(f"LoRA {path}: {key} holds {len(values)} values; an alpha is one number")
+    return float(values[0])
 
 
 def module_plans(parsed: dict[str, Key], shapes: dict[str, tuple[int, ...]], alphas: dict[str, float],
