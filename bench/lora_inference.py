@@ -3,10 +3,11 @@
     OMP_NUM_THREADS=1 python bench/lora_inference.py [--images 12] [--steps 24] [--threads 1]
 
 1. micro ERNIE at 64x64 through ``ErnieImagePipeline`` (24 steps, CFG: batch 2): the base; one rank-16
-   LoRA fused for the call (``generate``'s default); the same unfused (peft's layers); two stacked
-   unfused; and unfused without the contiguous attention input (the strided ``bmm`` path).
+   LoRA fused for the call (``generate``'s default); the same unfused (``--no-fuse``: ``lora.live``,
+   added inside each layer's GEMM); two stacked unfused; unfused without the contiguous attention input
+   (the strided ``bmm`` path); and unfused through diffusers' ``load_lora_weights`` (peft's layers).
 2. A 1024-wide ERNIE-architecture DiT (2 blocks, 8 heads, FFN 3072; the 8B's layers are 4096 wide), one
-   forward at 32x32 latent tokens + 64 text tokens, batch 2, the same five set-ups minus stacking.
+   forward at 32x32 latent tokens + 64 text tokens, batch 2, the same set-ups minus stacking.
 
 The set-ups take turns run by run so machine noise hits them alike; the first round is not counted;
 medians are printed.
@@ -29,6 +30,7 @@ from ernie_lora.generate import LoraSpec, load_loras  # noqa: E402
 from ernie_lora.lora.adapters import add_lora, lora_state_dict, peft_config_metadata, resolve_targets  # noqa: E402
 from ernie_lora.lora.files import save_lora  # noqa: E402
 from ernie_lora.lora.formats import read_lora_file  # noqa: E402
+from ernie_lora.lora.live import LiveLoras  # noqa: E402
 from ernie_lora.lora.tools import fuse_into  # noqa: E402
 from ernie_lora.models import ERNIE_IMAGE  # noqa: E402
 from ernie_lora.plan import build_dit  # noqa: E402
@@ -73,12 +75,16 @@ def micro(tmp: Path, images: int, steps: int) -> None:
     setups = {"base": ([], True, True), "one LoRA, fused": ([LoraSpec(a, 0.9)], True, True),
               "one LoRA, unfused": ([LoraSpec(a, 0.9)], False, True),
               "two LoRAs, unfused": ([LoraSpec(a, 0.6), LoraSpec(b, 0.6)], False, True),
-              "one LoRA, unfused, strided": ([LoraSpec(a, 0.9)], False, False)}
+              "one LoRA, unfused, strided": ([LoraSpec(a, 0.9)], False, False),
+              "one LoRA, unfused, peft layers": ([], False, True)}
     pipes = {}
     for name, (loras, fuse, contiguous) in setups.items():
         pipe = ERNIE_IMAGE.load_pipeline("micro", dtype="fp32")
         pipe.set_progress_bar_config(disable=True)
         load_loras(pipe, loras, fuse=fuse)
+        if name.endswith("peft layers"):  # what diffusers' own loader puts on the model
+            pipe.load_lora_weights(str(a), adapter_name="a")
+            pipe.set_adapters(["a"], [0.9])
         ERNIE_IMAGE.contiguous_attention_input(pipe.transformer, enable=contiguous)
         pipes[name] = pipe
     prompt = 'a poster with title "SALE", title band at the top, centered layout, blue theme'
@@ -102,12 +108,14 @@ def wide(tmp: Path, rounds: int) -> None:
         model.load_state_dict(state)
         return model
 
-    unfused, strided, fused = copy(), copy(), copy()
-    path = random_lora(unfused, tmp / "wide.safetensors", 2)
-    random_lora(strided, tmp / "same.safetensors", 2)
-    fuse_into(fused, read_lora_file(path).modules, 1.0)
+    unfused, strided, fused, peft_layers = copy(), copy(), copy(), copy()
+    path = random_lora(peft_layers, tmp / "wide.safetensors", 2)
+    modules = read_lora_file(path).modules
+    fuse_into(fused, modules, 1.0)
+    LiveLoras(unfused, [(modules, 1.0)])
+    LiveLoras(strided, [(modules, 1.0)])
     models = {"base": base, "one LoRA, fused": fused, "one LoRA, unfused": unfused,
-              "one LoRA, unfused, strided": strided}
+              "one LoRA, unfused, strided": strided, "one LoRA, unfused, peft layers": peft_layers}
     for name, model in models.items():
         model.eval().requires_grad_(False)
         ERNIE_IMAGE.contiguous_attention_input(model, enable=not name.endswith("strided"))

@@ -548,7 +548,7 @@ def generate(
     lora: list[str] = typer.Option([], "--lora", help="PATH[:STRENGTH], repeatable"),
     fuse: bool = typer.Option(True, "--fuse/--no-fuse",
                               help="write the LoRAs into the weights for the run (the base's speed); --no-fuse "
-                                   "keeps peft's LoRA layers"),
+                                   "adds them to their layers' outputs at each step"),
     steps: int | None = typer.Option(None, min=1, help="denoising steps (default 50; 8 with --turbo)"),
     guidance: float | None = typer.Option(None, help="CFG scale (default 4.0; 1.0 with --turbo)"),
     seed: int = typer.Option(0, help="seed of the first image; the next prompts use seed+1, ..."),

@@ -1,7 +1,9 @@
 """Inference: ERNIE-Image with any number of LoRAs at their strengths, fused or not, Turbo, Prompt Enhancer.
 
-Everything goes through ``ErnieImagePipeline`` itself (``load_lora_weights``, ``set_adapters``,
-``fuse_lora``), so with the same seed and LoRA the pixels are the ones diffusers produces.
+Every image is ``ErnieImagePipeline``'s own call. LoRAs are fused into the weights for the call by
+default (the base's speed), or added to their layers' outputs at each step (``--no-fuse``,
+``lora.live``); either way the delta is the one diffusers' ``load_lora_weights`` applies, so with the
+same seed the pixels are diffusers' own to float rounding (tested).
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from .cpu_threads import pick_cpu_threads
 from .errors import UserError
 from .io import atomic_write
 from .lora.files import read_lora_shapes
-from .lora.formats import loader_view, read_lora_file, same_delta, to_diffusers_state_dict
-from .lora.layouts import LOADERS
+from .lora.formats import read_lora_file
+from .lora.live import LiveLoras
 from .lora.modules import is_plain
 from .lora.tools import check_fits, fuse_into
 from .models import ERNIE_IMAGE_TURBO, family_for
@@ -90,43 +92,33 @@ def _read_loras(pipe, loras: list[LoraSpec]) -> list:
     return files
 
 
-def _apply_loras(pipe, loras: list[LoraSpec], files: list, fuse: bool) -> tuple[list[str], list[str]]:
-    """Put read LoRA files on the pipeline; (warnings to show, the diffusers adapters it loaded)."""
+def _apply_loras(pipe, loras: list[LoraSpec], files: list, fuse: bool) -> tuple[list[str], LiveLoras | None]:
+    """Put read LoRA files on the pipeline; (warnings to show, the unfused LoRAs' hooks if any)."""
+    warnings = interference_warnings(loras, [set(lora.modules) for lora in files])
     if fuse:  # every module written into the weights at its strength, exactly as its loader applies it
         for spec, lora in zip(loras, files, strict=True):
             fuse_into(pipe.transformer, lora.modules, spec.strength)
-        return interference_warnings(loras, [set(lora.modules) for lora in files]), []
-    names, notes = [], []
-    diffusers_rule = next(loader for loader in LOADERS if loader.name == "diffusers")
-    for i, (spec, lora) in enumerate(zip(loras, files, strict=True)):
-        name = f"lora_{i}"
-        plain = {n: m for n, m in lora.modules.items() if is_plain(m)}
+        return warnings, None
+    live, notes = [], []
+    for spec, lora in zip(loras, files, strict=True):
+        plain = {n: m for n, m in lora.modules.items() if is_plain(m) and not m.conv}
         other = {n: m for n, m in lora.modules.items() if n not in plain}
-        view = loader_view(diffusers_rule, lora.tensors, lora.header, spec.path)
-        if view.loads and all(n in view.modules and same_delta(m, view.modules[n]) for n, m in lora.modules.items()):
-            pipe.load_lora_weights(str(spec.path), adapter_name=name)  # diffusers' own path: the file as it is
-            other = {}
-        elif plain:
-            pipe.load_lora_weights(to_diffusers_state_dict(plain), adapter_name=name)
         if other:
             fuse_into(pipe.transformer, other, spec.strength)
             notes.append(f"{spec.path.name}: {len(other)} module(s) beyond plain LoRA (DoRA, LoHa, LoKr or full "
                          "deltas) written into the weights at their strength")
-        if plain or not other:
-            names.append((name, spec.strength))
-    if names:
-        pipe.set_adapters([n for n, _ in names], [s for _, s in names])
-    return notes + interference_warnings(loras, [set(lora.modules) for lora in files]), [n for n, _ in names]
+        live.append((plain, spec.strength))
+    return notes + warnings, LiveLoras(pipe.transformer, live)
 
 
 def load_loras(pipe, loras: list[LoraSpec], fuse: bool = False) -> list[str]:
     """Load LoRA files of any layout into the pipeline at their strengths, for good; returns warnings.
 
     Fused: every module is written into the weights (``fuse_into``: float64, as the file's loader
-    applies it). Unfused: a file diffusers itself reads as meant goes through ``load_lora_weights(path)``,
-    any other plain LoRA is converted in memory (scale folded in), and peft's layers apply them at each
-    step (strengths can then change with ``set_adapters``); modules that are not plain LoRAs (DoRA's
-    ``dora_scale``, LoHa, LoKr, full deltas) are written into the weights at their strength.
+    applies it). Unfused: plain LoRAs are added to their layers' outputs at each step (``LiveLoras``,
+    the delta diffusers' ``load_lora_weights`` + ``set_adapters`` apply, to float rounding); modules
+    that are not plain LoRAs (DoRA's ``dora_scale``, LoHa, LoKr, full deltas) are written into the
+    weights at their strength.
     """
     return _apply_loras(pipe, loras, _read_loras(pipe, loras), fuse)[0]
 
@@ -134,7 +126,7 @@ def load_loras(pipe, loras: list[LoraSpec], fuse: bool = False) -> list[str]:
 @contextmanager
 def loras_applied(pipe, loras: list[LoraSpec], fuse: bool = True) -> Iterator[list[str]]:
     """The LoRAs on ``pipe`` inside the block (yields warnings); afterwards the pipeline is exactly as
-    before: adapters unloaded and every weight a LoRA was written into restored bit for bit from a copy
+    before: unfused LoRAs' hooks removed and every weight a LoRA was written into restored bit for bit from a copy
     kept in CPU memory (subtracting the delta again would leave rounding behind)."""
     files = _read_loras(pipe, loras)
     layers = dict(pipe.transformer.named_modules())
@@ -144,16 +136,13 @@ def loras_applied(pipe, loras: list[LoraSpec], fuse: bool = True) -> Iterator[li
         bias = getattr(layer, "bias", None)
         saved[name] = (layer.weight.detach().to("cpu", copy=True),
                        None if bias is None else bias.detach().to("cpu", copy=True))
-    had_adapters = any(pipe.get_list_adapters().values())
-    adapters: list[str] = []
+    live = None
     try:
-        warnings, adapters = _apply_loras(pipe, loras, files, fuse)
+        warnings, live = _apply_loras(pipe, loras, files, fuse)
         yield warnings
     finally:
-        if adapters and had_adapters:
-            pipe.delete_adapters(adapters)  # only ours: the caller's adapters stay
-        elif adapters:
-            pipe.unload_lora_weights()  # peft's wrapper layers go too: the model as it came
+        if live is not None:
+            live.remove()
         layers = dict(pipe.transformer.named_modules())
         with torch.no_grad():
             for name, (weight, bias) in saved.items():
@@ -184,7 +173,7 @@ def generate(
     """Generate one PNG per prompt (seed, seed+1, ...) with prompt, seed, model and LoRAs in its metadata.
 
     LoRAs are fused for the call by default (their strengths are fixed for it: the base's speed) and
-    ``fuse=False`` keeps peft's layers. A ``pipe`` passed in is handed back as it came: adapters unloaded,
+    ``fuse=False`` adds them at each step instead. A ``pipe`` passed in is handed back as it came: hooks removed,
     fused weights restored bit-exactly; a pipeline loaded here is not restored (it is dropped anyway)."""
     if not prompts:
         raise UserError("no prompts given (pass them as arguments or with --prompts-file)")

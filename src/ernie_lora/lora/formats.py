@@ -13,7 +13,6 @@ ComfyUI, peft and kohya-style loaders all apply exactly the same delta W at stre
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,19 +126,6 @@ def loader_view(loader: Loader, tensors: dict[str, torch.Tensor], header: dict[s
     modules = build_modules({key: tensors[key] for key in plan.kept}, plan.kept, plan.config, path) if plan.loads \
         else {}
     return LoaderView(plan.loader, plan.loads, plan.note, modules, plan.dropped)
-
-
-def same_delta(a: Module, b: Module, rtol: float = 1e-5) -> bool:
-    """Whether two readings of one module change the weight alike (same kind, same delta to ``rtol``)."""
-    if type(a) is not type(b) or (a.dora is None) != (b.dora is None) or (a.bias is None) != (b.bias is None):
-        return False
-    if isinstance(a, LoraModule):
-        if not (torch.equal(a.down, b.down) and torch.equal(a.up, b.up)):
-            return bool(torch.allclose(a.delta(), b.delta(), rtol=rtol, atol=rtol * float(a.delta().abs().max())))
-        return math.isclose(a.scale, b.scale, rel_tol=rtol)
-    if isinstance(a, FullModule) and a.weight is None:
-        return True
-    return bool(torch.allclose(a.delta(), b.delta(), rtol=rtol))
 
 
 def read_modules(path: str | Path) -> tuple[dict[str, Module], str, dict[str, str]]:
