@@ -90,6 +90,43 @@ def test_killed_process_resumes_to_identical_weights(poster_dataset, tmp_path):
     assert all(checkpoint_problem(c) is None for c in (run / "checkpoints").iterdir())
 
 
+def test_sigterm_stops_after_a_step_with_a_checkpoint_and_resume_finishes_the_same(poster_dataset, tmp_path,
+                                                                                   monkeypatch):
+    """Stop (SIGTERM, what the studio sends) lands between steps: a checkpoint of that step, RunStopped, and
+    --resume then equals an uninterrupted run."""
+    import inspect
+    import os
+
+    from ernie_lora.errors import RunStopped
+    from ernie_lora.recipes import engine
+
+    cfg = tiny_config(poster_dataset, tmp_path / "cache", train={"steps": 8}, checkpoint={"every": 4, "keep": 3})
+    real = engine.train_steps
+
+    def signalled_at_step_5(*args, **kwargs):
+        bound = inspect.signature(real).bind(*args, **kwargs)
+        on_step = bound.arguments.get("on_step")
+
+        def signalling(step):
+            if on_step is not None:
+                on_step(step)
+            if step == 5:
+                os.kill(os.getpid(), signal.SIGTERM)  # through the handler open_run installed
+        bound.arguments["on_step"] = signalling
+        return real(*bound.args, **bound.kwargs)
+
+    monkeypatch.setattr(engine, "train_steps", signalled_at_step_5)
+    with pytest.raises(RunStopped, match="stopped at step 5"):
+        train(cfg, tmp_path / "stopped", progress=False)
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "stopped" / "checkpoints").iterdir()) == ["step-000004", "step-000005"]
+    assert not (tmp_path / "stopped" / "lora.safetensors").exists()
+    train(cfg, tmp_path / "stopped", resume=True, progress=False)
+    train(cfg, tmp_path / "straight", progress=False)
+    assert _same_lora(tmp_path / "straight" / "lora.safetensors", tmp_path / "stopped" / "lora.safetensors")
+    assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # the handler stays; the flag is cleared per run
+
+
 def test_caption_dropout_uses_the_cached_empty_embedding(poster_dataset, tmp_path):
     """Dropout 1.0 on real captions trains exactly like dropout 0.0 on empty captions."""
     dropped = train(tiny_config(poster_dataset, tmp_path / "c1", data={"caption_dropout": 1.0}), tmp_path / "a",

@@ -6,13 +6,14 @@ Each command imports what it needs when it runs (the imports inside the function
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
 
 import typer
 
-from .errors import UserError, one_line
+from .errors import RunStopped, UserError, one_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train, check and use LoRA adapters for ERNIE-Image.")
@@ -44,9 +45,14 @@ PROGRESS_HELP = ("bar: a progress bar and a line per file written; json: one JSO
                  "every step and event (checkpoint, samples, validation, lora, report, done); off: neither")
 
 
+_PROGRESS_JSON = False  # set by --progress json: errors then also go to stdout as an event
+
+
 def _check_progress(progress: str) -> str:
+    global _PROGRESS_JSON
     if progress not in ("bar", "json", "off"):
         raise typer.BadParameter(f"{progress!r}: choose bar, json or off", param_hint="--progress")
+    _PROGRESS_JSON = progress == "json"
     return progress
 
 
@@ -748,7 +754,12 @@ def main() -> None:
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
         print(f"error: {command}: {one_line(message)} (see {command} --help)", file=sys.stderr)
         sys.exit(getattr(exc, "exit_code", 2))
+    except RunStopped as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+        sys.exit(3)
     except UserError as exc:
+        if _PROGRESS_JSON:  # a driver reading stdout gets the error as an event too
+            print(json.dumps({"event": "error", "message": one_line(str(exc))}), flush=True)
         print(f"error: {one_line(str(exc))}", file=sys.stderr)
         sys.exit(2)
     except (KeyboardInterrupt, typer.Abort):

@@ -12,6 +12,10 @@ class UserError(Exception):
     """Bad input from the user (a file, a config key, a flag). The CLI prints it as one line."""
 
 
+class RunStopped(Exception):
+    """A run stopped on request (SIGTERM) after saving a checkpoint; ``--resume`` continues it exactly."""
+
+
 def short_repr(value: object, limit: int = 200) -> str:
     """``repr(value)`` for an error line: at most ``limit`` characters, cheap even for a huge or deeply nested
     value (a YAML alias bomb, a megabyte string)."""

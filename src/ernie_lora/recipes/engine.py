@@ -23,7 +23,9 @@ import math
 import os
 import pickle
 import random
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,7 +43,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..config import BaseModelConfig, LoggingConfig, LoraConfig, SampleConfig, TrainConfig
 from ..cpu_threads import pick_cpu_threads
-from ..errors import UserError
+from ..errors import RunStopped, UserError
 from ..io import atomic_write_text
 from ..lora.adapters import (
     ADAPTER_NAME,
@@ -122,7 +124,15 @@ def open_run(output: str | Path, cfg: BaseModel, recipe: str, *, resume: bool, o
             check_resume_config(output, cfg, force)
     run.wait()
     pick_cpu_threads(cfg.model.name, cfg.model.revision, run.device, announce=run.is_main)
+    if world == 1 and threading.current_thread() is threading.main_thread():
+        # SIGTERM (the studio's Stop, a scheduler's preemption) ends the run after the current step with a
+        # checkpoint, so --resume continues it exactly; several processes would each stop at their own step
+        _STOP.clear()
+        signal.signal(signal.SIGTERM, lambda signum, frame: _STOP.set())
     return run
+
+
+_STOP = threading.Event()
 
 
 
@@ -355,6 +365,10 @@ class Checkpoints:
                        folder / "training_state.pt")
         return save_checkpoint(self.run.output, step, write, self.keep)
 
+    def latest_or_save(self, step: int) -> Path:
+        """The checkpoint of ``step``: the one just written when it was due, else a new one."""
+        return checkpoint_dirs(self.run.output)[-1][1] if self.due(step) else self.save(step)
+
     def restore(self) -> int:
         """Load the newest intact checkpoint into the live objects (a damaged one is skipped, with a line saying
         which and why); returns its step."""
@@ -578,6 +592,11 @@ def train_steps(run: Run, tcfg: TrainConfig, step: int, micro_step: Callable[[in
                           event="checkpoint", step=step, path=folder, plot=chart)
         if on_step is not None:
             on_step(step)
+        if _STOP.is_set() and step < tcfg.steps:
+            folder = checkpoints.latest_or_save(step) if run.is_main else None
+            progress.note(f"step {step}: stopped on request; checkpoint {folder} (--resume continues)",
+                          event="stopped", step=step, path=folder)
+            raise RunStopped(f"stopped at step {step}: resume with --resume")
         if stop_after is not None and step >= stop_after:
             break
     return step
