@@ -587,6 +587,19 @@ def generate(
         typer.echo(str(path))
 
 
+@app.command()
+def studio(
+    root: Path = typer.Option(Path("studio"), "--root", help="its folder: datasets/, jobs/, runs/, playground/"),
+    host: str = typer.Option("127.0.0.1", "--host", help="any other address needs --token"),
+    port: int = typer.Option(7860, "--port", min=1, max=65535),
+    token: str | None = typer.Option(None, "--token", help="required on every request (and to bind beyond loopback)"),
+) -> None:
+    """The whole workflow in a browser: datasets and captions, jobs with live loss, LoRAs, annotation."""
+    from .studio.app import serve
+
+    serve(root, host, port, token)
+
+
 @rank_app.command("serve")
 def rank_serve(
     folder: Path = typer.Argument(..., help="the images to compare (sub-folders included)"),

@@ -110,6 +110,13 @@ def vlm_description(image: Image.Image, model_id: str) -> str:
         raise UserError(f"--vlm {model_id}: cannot run it ({type(exc).__name__}: {exc})") from None
 
 
+def auto_caption_image(image: Image.Image, kind: str = "other") -> tuple[str, bool]:
+    """(the caption of one image from its OCR text, whether any text was found)."""
+    image = image.convert("RGB")
+    schema = boxes_to_schema(read_text(image), image.width, image.height, kind)
+    return render(schema, "natural"), bool(schema.elements)
+
+
 def auto_caption_folder(folder: str | Path, kind: str = "other", overwrite: bool = False, dry_run: bool = False,
                         vlm: str | None = None) -> list[AutoCaption]:
     folder = Path(folder)
@@ -119,11 +126,10 @@ def auto_caption_folder(folder: str | Path, kind: str = "other", overwrite: bool
     images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and CACHE_DIR_NAME not in p.parts)
     for path in images:
         image = open_image(path).convert("RGB")
-        schema = boxes_to_schema(read_text(image), image.width, image.height, kind)
-        caption = render(schema, "natural")
+        caption, found_text = auto_caption_image(image, kind)
         if vlm:
             caption = f"{caption}; {vlm_description(image, vlm)}"
-        found_text = bool(schema.elements) or bool(vlm)  # a bare "a poster" is no caption worth writing
+        found_text = found_text or bool(vlm)  # a bare "a poster" is no caption worth writing
         txt = path.with_suffix(".txt")
         previous = txt.read_text(encoding="utf-8", errors="replace").strip() if txt.exists() else None
         write = found_text and not dry_run and (previous is None or overwrite)

@@ -488,7 +488,7 @@ class Progress:
         if image is not None and self.trackers is not None:
             self.trackers.image(event, image, int(fields.get("step", 0)))
         if self.mode == "json":
-            self.emit(event, **fields)
+            self.emit(event, **({"image": image} if image is not None else {}), **fields)
         elif self.mode == "bar":
             self.bar.write(text)
 
