@@ -80,10 +80,6 @@ class PlaygroundBody(BaseModel):
     guidance: float = Field(default=3.0, ge=0, le=30)
 
 
-def _fail(exc: UserError, status: int = 400):
-    raise HTTPException(status, str(exc)) from None
-
-
 class Studio:
     """What the pages act on: the studio folder, its datasets, jobs and LoRAs."""
 
