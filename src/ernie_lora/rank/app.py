@@ -24,10 +24,9 @@ from pydantic import BaseModel, Field
 
 from ..data.categories import inside, list_images
 from ..errors import UserError
+from ..web import TOKEN_COOKIE, check_bind, given_token, refusal
 from .store import OUTCOMES, AnnotationStore
 
-LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-TOKEN_COOKIE = "ernie_lora_token"
 ANNOTATOR_COOKIE = "ernie_lora_annotator"
 MAX_BODY = 64 * 1024  # a vote is ~100 bytes
 MAX_ID = 2**62  # SQLite integers are 64-bit: a larger id would fail inside the database, not as a 4xx
@@ -38,13 +37,6 @@ def invite_token(secret: str, annotator: str) -> str:
     return hmac.new(secret.encode(), f"annotator:{annotator}".encode(), hashlib.sha256).hexdigest()[:32]
 
 
-def _host_name(host_header: str) -> str:
-    """``localhost:8765`` -> ``localhost``; ``[::1]:8765`` -> ``::1``."""
-    if host_header.startswith("["):
-        return host_header[1:].split("]", 1)[0]
-    return host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header
-
-
 class VoteRequest(BaseModel):
     pair_id: int = Field(ge=0, le=MAX_ID)
     outcome: str = Field(pattern="^(" + "|".join(OUTCOMES) + ")$")
@@ -53,11 +45,6 @@ class VoteRequest(BaseModel):
 
 class AnnotatorRequest(BaseModel):
     annotator: str = Field(min_length=1, max_length=64)
-
-
-def check_bind(host: str, token: str | None) -> None:
-    if host not in LOOPBACK and not token:
-        raise UserError(f"--host {host}: anyone on the network could vote; add --token SECRET (or bind 127.0.0.1)")
 
 
 def create_app(store: AnnotationStore, token: str | None = None) -> FastAPI:
@@ -73,18 +60,13 @@ def create_app(store: AnnotationStore, token: str | None = None) -> FastAPI:
     @app.middleware("http")
     async def guard(request: Request, call_next):
         """Body size, the Host header (no token) and who is asking (with a token)."""
-        length = request.headers.get("content-length")
-        if request.method not in ("GET", "HEAD") and (length is None or not length.isdigit()):
-            return JSONResponse({"error": "a request body needs a Content-Length"}, status_code=411)
-        if length is not None and length.isdigit() and int(length) > MAX_BODY:
-            return JSONResponse({"error": f"request body over {MAX_BODY} bytes"}, status_code=413)
+        refused = refusal(request, MAX_BODY, token)
+        if refused:
+            return JSONResponse({"error": refused[1]}, status_code=refused[0])
         request.state.annotator = None  # None: anyone (no token, or the organiser's token)
         if not token:
-            if _host_name(request.headers.get("host", "")) not in LOOPBACK:
-                return JSONResponse({"error": "Host is not a loopback name"}, status_code=403)
             return await call_next(request)
-        given = (request.query_params.get("token") or request.headers.get("x-token")
-                 or request.cookies.get(TOKEN_COOKIE) or "")
+        given = given_token(request)
         claimed = (request.query_params.get("annotator") if request.query_params.get("token")
                    else request.cookies.get(ANNOTATOR_COOKIE)) or ""
         if hmac.compare_digest(given.encode(), token.encode()):
@@ -225,7 +207,7 @@ load();
 
 def serve(folder: Path, db: Path | None, host: str, port: int, token: str | None) -> None:
     """List the folder's images into the database and serve the app until interrupted."""
-    check_bind(host, token)
+    check_bind(host, token, "vote")
     images = list_images(folder)
     if len(images) < 2:
         raise UserError(f"{folder}: {len(images)} image(s); annotation needs at least two")

@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field
 
 from ..data.categories import inside
 from ..errors import UserError
-from ..rank.app import LOOPBACK, TOKEN_COOKIE, _host_name, check_bind
+from ..web import TOKEN_COOKIE, check_bind, given_token, refusal
 from .configs import PRESETS, fields, preset, to_yaml, validate
 from .datasets import MAX_UPLOAD_BYTES, Datasets, lint, safe_name
 from .jobs import RESUMABLE, JobStore, Runner, read_events
@@ -125,17 +125,9 @@ class Studio:
         return view
 
     def _run_relative(self, run: Path, path: str) -> str | None:
-        candidate = Path(path)
-        full = candidate if candidate.is_absolute() else self.root / candidate
-        if not full.exists():
-            full = run / candidate.name if (run / candidate.name).exists() else full
-        try:
-            return str(full.resolve().relative_to(run.resolve()))
-        except ValueError:
-            for parent in (run / "samples",):
-                if (parent / candidate.name).exists():
-                    return str((parent / candidate.name).relative_to(run))
-            return None
+        """An event's file (absolute, or relative to the studio folder the job runs in) as a path in its run."""
+        full = (self.root / path).resolve()  # an absolute path stays itself
+        return str(full.relative_to(run.resolve())) if full.is_relative_to(run.resolve()) else None
 
     def create_job(self, body: JobBody) -> dict:
         name = safe_name(body.name, "job name")
@@ -245,18 +237,13 @@ def create_app(root: Path, token: str | None = None, run_jobs: bool = True) -> F
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        length = request.headers.get("content-length")
         limit = MAX_UPLOAD_BYTES + 1024 if request.url.path.endswith("/upload") else MAX_BODY
-        if request.method not in ("GET", "HEAD") and (length is None or not length.isdigit()):
-            return JSONResponse({"detail": "a request body needs a Content-Length"}, status_code=411)
-        if length is not None and length.isdigit() and int(length) > limit:
-            return JSONResponse({"detail": f"request body over {limit} bytes"}, status_code=413)
+        refused = refusal(request, limit, token)
+        if refused:
+            return JSONResponse({"detail": refused[1]}, status_code=refused[0])
         if not token:
-            if _host_name(request.headers.get("host", "")) not in LOOPBACK:
-                return JSONResponse({"detail": "Host is not a loopback name"}, status_code=403)
             return await call_next(request)
-        given = (request.query_params.get("token") or request.headers.get("x-token")
-                 or request.cookies.get(TOKEN_COOKIE) or "")
+        given = given_token(request)
         if not hmac.compare_digest(given.encode(), token.encode()):
             return JSONResponse({"detail": "missing or wrong token"}, status_code=401)
         response = await call_next(request)
@@ -511,7 +498,7 @@ async def _forward(sub: FastAPI, request: Request, path: str) -> Response:
 
 
 def serve(root: Path, host: str, port: int, token: str | None) -> None:
-    check_bind(host, token)
+    check_bind(host, token, "reach the studio")
     root = Path(root).expanduser()
     root.mkdir(parents=True, exist_ok=True)
     app = create_app(root, token)
