@@ -92,6 +92,12 @@ def _read_loras(pipe, loras: list[LoraSpec]) -> list:
     return files
 
 
+def _written(lora, fuse: bool) -> dict:
+    """The modules of a LoRA file written into the weights: all when fused; unfused, those that are not
+    plain linear LoRAs (``LiveLoras`` adds the plain ones at each step instead)."""
+    return {n: m for n, m in lora.modules.items() if fuse or not is_plain(m) or m.conv}
+
+
 def _apply_loras(pipe, loras: list[LoraSpec], files: list, fuse: bool) -> tuple[list[str], LiveLoras | None]:
     """Put read LoRA files on the pipeline; (warnings to show, the unfused LoRAs' hooks if any)."""
     warnings = interference_warnings(loras, [set(lora.modules) for lora in files])
@@ -101,8 +107,8 @@ def _apply_loras(pipe, loras: list[LoraSpec], files: list, fuse: bool) -> tuple[
         return warnings, None
     live, notes = [], []
     for spec, lora in zip(loras, files, strict=True):
-        plain = {n: m for n, m in lora.modules.items() if is_plain(m) and not m.conv}
-        other = {n: m for n, m in lora.modules.items() if n not in plain}
+        other = _written(lora, fuse)
+        plain = {n: m for n, m in lora.modules.items() if n not in other}
         if other:
             fuse_into(pipe.transformer, other, spec.strength)
             notes.append(f"{spec.path.name}: {len(other)} module(s) beyond plain LoRA (DoRA, LoHa, LoKr or full "
@@ -126,12 +132,12 @@ def load_loras(pipe, loras: list[LoraSpec], fuse: bool = False) -> list[str]:
 @contextmanager
 def loras_applied(pipe, loras: list[LoraSpec], fuse: bool = True) -> Iterator[list[str]]:
     """The LoRAs on ``pipe`` inside the block (yields warnings); afterwards the pipeline is exactly as
-    before: unfused LoRAs' hooks removed and every weight a LoRA was written into restored bit for bit from a copy
-    kept in CPU memory (subtracting the delta again would leave rounding behind)."""
+    before: unfused LoRAs' hooks removed and every weight a LoRA was written into restored bit for bit from a
+    copy kept in CPU memory (subtracting the delta again would leave rounding behind)."""
     files = _read_loras(pipe, loras)
     layers = dict(pipe.transformer.named_modules())
-    saved = {}
-    for name in sorted({name for lora in files for name in lora.modules}):
+    saved = {}  # only what will be written: unfused plain LoRAs leave the weights alone
+    for name in sorted({name for lora in files for name in _written(lora, fuse)}):
         layer = layers[name]
         bias = getattr(layer, "bias", None)
         saved[name] = (layer.weight.detach().to("cpu", copy=True),
