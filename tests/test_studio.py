@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -154,6 +155,11 @@ def test_uploads_names_and_paths_stay_inside_the_studio(tmp_path):
         config["train"]["lr"] = -1
         _, answer = studio.call("/api/jobs/validate", {"recipe": "train", "dataset": "escape", "config": config})
         assert [p["key"] for p in answer["problems"]] == ["train.lr"]
+        status, answer = studio.call("/api/jobs", {"name": "k", "recipe": "train", "dataset": "escape",
+                                                   "device": "cuda:7", "config": _job_config(10, 10)})
+        assert status == 400 and answer["detail"] == "device 'cuda:7': choose from cpu (or any)"
+        status, answer = studio.call("/api/playground", {"prompts": ["a poster", "   "]})
+        assert status == 400 and answer["detail"] == "prompt 2: give 1 to 2000 characters"
         assert studio.call("/files/runs/..%2F..%2Fetc/passwd")[0] in (400, 404)
         assert studio.call("/static/..%2F..%2Fapp.py")[0] == 404
         request = urllib.request.Request(studio.base + "/api/jobs", headers={"Host": "evil.example"})
@@ -201,13 +207,16 @@ def test_the_whole_workflow_in_a_real_browser(tmp_path):
             expect(page.locator(".thumb.flagged")).to_have_count(len(pngs) - 1)
             page.locator(".thumb", has_text="words.png").click()
             page.click("#autocaption-one")
-            expect(page.locator("#caption")).to_have_value(__import__("re").compile("OPEN DAY"), timeout=60_000)
+            expect(page.locator("#caption")).to_have_value(re.compile("OPEN DAY"), timeout=60_000)
             for png in pngs:  # the rest as a designer would paste them
                 if png.stem not in ("poster_00000", "words"):
                     page.request.put(f"{studio.base}/api/datasets/posters/images/{png.name}/caption",
                                      data={"text": (source / f"{png.stem}.txt").read_text()})
             page.click("#tab-jobs")
             page.select_option("#preset", "micro-demo")
+            # the chosen preset fills the form when its fields have loaded: type after that
+            page.wait_for_function("(f => f.dataset.seq && f.dataset.loaded === f.dataset.seq)"
+                                   "(document.getElementById('job-form'))")
             page.fill("#job-name", "purple")
             page.select_option("#job-dataset", "posters")
             for key, value in (("train.steps", "150"), ("checkpoint.every", "10"), ("sample.every", "10"),
@@ -248,14 +257,152 @@ def test_the_whole_workflow_in_a_real_browser(tmp_path):
             saved = tmp_path / "downloaded.safetensors"
             download.value.save_as(saved)
             assert read_lora_file(saved).layout.startswith("ComfyUI") or read_lora_file(saved).modules
-            page.fill("#pg-prompt", 'a poster with title "OPEN DAY", title band at the top, centered layout, '
-                                    "purple theme")
+            page.click("#pg-heldout")
+            expect(page.locator("#status")).to_contain_text("none a caption of posters")
+            held_out = page.input_value("#pg-prompts").splitlines()
+            assert len(held_out) == 6 and all(p.startswith(("a poster", "an infographic", "a comic", "a ui"))
+                                              for p in held_out)
+            trained = {p.read_text().strip() for p in (tmp_path / "studio" / "datasets" / "posters").glob("*.txt")}
+            assert not set(held_out) & trained
+            # two prompts of the set: one in the layout language with quoted text, one plain
+            page.fill("#pg-prompts", 'a poster with title "OPEN DAY", title band at the top, centered layout, '
+                                     'purple theme\na quiet lake at dawn')
             page.click("#pg-generate")
-            expect(page.locator("#status")).to_contain_text("generated with 1 LoRA(s)", timeout=120_000)
-            page.wait_for_function("['pg-before', 'pg-after'].every(id => document.getElementById(id).naturalWidth)")
-            expect(page.locator(".pair")).to_contain_text("layout")
+            expect(page.locator("#status")).to_contain_text("generated 2 prompt(s) with 1 LoRA(s)", timeout=120_000)
+            page.wait_for_function("document.querySelectorAll('.pg-after').length == 2 && "
+                                   "[...document.querySelectorAll('.pg-before, .pg-after')].every(i => i.naturalWidth)")
+            expect(page.locator(".pg-row").first).to_contain_text("layout")
+            expect(page.locator(".pg-row").first).to_contain_text("text")
+            expect(page.locator(".pg-row").nth(1)).to_contain_text("nothing in this prompt to score")
+            means = page.locator("#pg-means")
+            expect(means).to_contain_text("layout")
+            expect(means).to_contain_text("text")
             if shots:
                 page.screenshot(path=str(Path(shots) / "studio-loras.png"), full_page=True)
             browser.close()
     finally:
         studio.kill()
+
+
+def test_held_out_prompts_leave_out_the_captions_a_run_trained_on():
+    from ernie_lora.studio.app import held_out_prompts
+
+    first = held_out_prompts(4, set())
+    assert len(first) == 4 and len(set(first)) == 4
+    without = held_out_prompts(4, {first[0], first[2]})
+    assert len(without) == 4 and first[0] not in without and first[2] not in without
+    assert [p for p in first if p in without] == [first[1], first[3]]  # same order, the rest drawn on
+
+
+def test_the_wheel_carries_the_presets_and_the_page(tmp_path):
+    """An installed studio (no clone) offers the same presets: setup.py puts configs/ into the wheel."""
+    import shutil
+    import zipfile
+
+    repo, copy = Path(__file__).resolve().parents[1], tmp_path / "repo"  # a copy: the build writes build/ in place
+    copy.mkdir()
+    for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "configs"):
+        (shutil.copytree if (repo / name).is_dir() else shutil.copy)(repo / name, copy / name)
+    shutil.copytree(repo / "src", copy / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path / "wheel"), str(copy)], check=True, timeout=300,
+                   env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+    [wheel] = (tmp_path / "wheel").glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    from ernie_lora.studio.configs import PRESETS
+
+    assert {f"ernie_lora/configs/{file}" for _, _, file in PRESETS.values()} <= names
+    static = repo / "src" / "ernie_lora" / "studio" / "static"
+    assert {f"ernie_lora/studio/static/{p.relative_to(static).as_posix()}" for p in static.rglob("*")
+            if p.is_file()} <= names
+
+
+def test_progress_files_read_only_what_was_appended_and_wait_for_whole_lines(tmp_path):
+    from ernie_lora.studio.jobs import ProgressFiles, read_events
+
+    path, files = tmp_path / "progress.jsonl", ProgressFiles()
+    assert files.events(path) == []
+    path.write_text('{"event": "step", "step": 1}\n{"event": "step", "step": 2}\n')
+    assert [e["step"] for e in files.events(path)] == [1, 2]
+    with path.open("a") as handle:
+        handle.write('{"event": "step", "st')  # a line being written
+    assert [e["step"] for e in files.events(path)] == [1, 2]
+    with path.open("a") as handle:
+        handle.write('ep": 3}\nnot json\n')
+    assert files.events(path) == read_events(path) == [{"event": "step", "step": s} for s in (1, 2, 3)]
+    path.write_text('{"event": "done"}\n')  # rewritten shorter: read again from the start
+    assert files.events(path) == [{"event": "done"}]
+
+
+FAKE_JOB = """
+import json, os, sys, time
+from pathlib import Path
+name = Path(sys.argv[sys.argv.index("--output") + 1]).name
+print(json.dumps({"event": "start", "cuda": os.environ.get("CUDA_VISIBLE_DEVICES")}), flush=True)
+while not Path("release-" + name).exists():
+    time.sleep(0.02)
+print(json.dumps({"event": "done"}), flush=True)
+"""
+
+
+def test_one_job_at_a_time_per_device_and_a_pinned_job_waits_for_its_device(tmp_path, monkeypatch):
+    from ernie_lora.studio.jobs import JobStore, Runner, device_env, read_events
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    script = tmp_path / "fake_job.py"
+    script.write_text(FAKE_JOB)
+    store = JobStore(tmp_path / "studio")
+    runner = Runner(store, command=[sys.executable, str(script)], devices=["cuda:0", "cuda:1"])
+    ids = {name: store.create(name, "train", "{}\n", device=device).id
+           for name, device in (("a", ""), ("b", "cuda:0"), ("c", ""), ("d", "cuda:1"))}
+
+    def settle(names: dict[str, str]) -> dict:
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            runner.tick()
+            jobs = {j.name: j for j in store.all()}
+            if all(jobs[n].state == s for n, s in names.items()):
+                return jobs
+            time.sleep(0.05)
+        raise AssertionError({n: j.state for n, j in jobs.items()})
+
+    def cuda(name: str) -> str:
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            starts = [e for e in read_events(store.folder(store.get(ids[name])) / "progress.jsonl") if "cuda" in e]
+            if starts:
+                return starts[-1]["cuda"]
+            time.sleep(0.05)
+        raise AssertionError(f"job {name} never started")
+
+    try:
+        jobs = settle({"a": "running", "b": "queued", "c": "running", "d": "queued"})
+        assert (jobs["a"].ran_on, jobs["c"].ran_on) == ("cuda:0", "cuda:1")
+        assert (cuda("a"), cuda("c")) == ("0", "1")  # each process sees only its GPU
+        (store.root / "release-a").touch()
+        jobs = settle({"a": "done", "b": "running", "c": "running", "d": "queued"})  # d waits for cuda:1
+        assert jobs["b"].ran_on == "cuda:0" and cuda("b") == "0"
+        (store.root / "release-c").touch()
+        jobs = settle({"c": "done", "d": "running"})
+        assert jobs["d"].ran_on == "cuda:1" and cuda("d") == "1"
+    finally:
+        for name in ids:
+            (store.root / f"release-{name}").touch()
+        settle({name: "done" for name in ids})
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert device_env("cuda:1") == {"CUDA_VISIBLE_DEVICES": "5"} and device_env("cpu") == {}
+
+
+def test_a_studio_database_from_before_devices_opens_with_its_jobs(tmp_path):
+    import sqlite3
+
+    from ernie_lora.studio.jobs import SCHEMA, JobStore
+
+    (tmp_path / "studio").mkdir()
+    old = SCHEMA.replace(",\n    device TEXT NOT NULL DEFAULT '',\n    ran_on TEXT NOT NULL DEFAULT ''", "")
+    assert "device" not in old
+    with sqlite3.connect(tmp_path / "studio" / "studio.sqlite") as con:
+        con.executescript(old)
+        con.execute("INSERT INTO jobs (name, recipe, state, created) VALUES ('old', 'train', 'done', 1.0)")
+    [job] = JobStore(tmp_path / "studio").all()
+    assert (job.name, job.state, job.device, job.ran_on) == ("old", "done", "", "")

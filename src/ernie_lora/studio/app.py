@@ -24,15 +24,17 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from ..data.categories import inside
+from ..data.dataset import read_metadata
 from ..errors import UserError
 from ..web import TOKEN_COOKIE, check_bind, given_token, refusal
 from .configs import PRESETS, fields, preset, to_yaml, validate
 from .datasets import MAX_UPLOAD_BYTES, Datasets, lint, safe_name
-from .jobs import RESUMABLE, JobStore, Runner, read_events
+from .jobs import RESUMABLE, JobStore, ProgressFiles, Runner
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY = 1024 * 1024
 LORA_FORMATS = {"diffusers": "diffusers", "comfyui": "comfy", "kohya": "kohya"}
+MAX_PLAYGROUND_PROMPTS = 12
 
 
 class NameBody(BaseModel):
@@ -57,6 +59,7 @@ class JobBody(BaseModel):
     recipe: str
     preset: str = ""
     dataset: str = ""
+    device: str = ""  # "" = the first free device
     config: dict
 
 
@@ -73,7 +76,7 @@ class PlaygroundLora(BaseModel):
 
 
 class PlaygroundBody(BaseModel):
-    prompt: str = Field(min_length=1, max_length=2000)
+    prompts: list[str] = Field(min_length=1, max_length=MAX_PLAYGROUND_PROMPTS)
     loras: list[PlaygroundLora] = Field(default_factory=list, max_length=8)
     seed: int = Field(default=0, ge=0, le=2**31)
     steps: int = Field(default=20, ge=1, le=100)
@@ -88,6 +91,7 @@ class Studio:
         self.datasets = Datasets(self.root)
         self.jobs = JobStore(self.root)
         self.runner = Runner(self.jobs)
+        self.progress = ProgressFiles()
         self.playground_dir = self.root / "playground"
         self._pipes: dict[str, object] = {}
         self._pipe_lock = threading.Lock()
@@ -96,7 +100,7 @@ class Studio:
     def job_view(self, job, detail: bool = False) -> dict:
         view = job.as_dict()
         folder, run = self.jobs.folder(job), self.jobs.run_dir(job)
-        events = read_events(folder / "progress.jsonl")
+        events = self.progress.events(folder / "progress.jsonl")
         steps = {}
         for event in events:
             if event.get("event") == "step":
@@ -137,7 +141,9 @@ class Studio:
         config, problems = validate(body.recipe, body.config, self.root, self.jobs.jobs_dir, dataset)
         if problems:
             raise UserError(f"{problems[0]['key']}: {problems[0]['message']}")
-        job = self.jobs.create(name, body.recipe, to_yaml(config), body.preset, body.dataset)
+        if body.device and body.device not in self.runner.devices:
+            raise UserError(f"device {body.device!r}: choose from {', '.join(self.runner.devices)} (or any)")
+        job = self.jobs.create(name, body.recipe, to_yaml(config), body.preset, body.dataset, body.device)
         self.runner.tick()
         return self.job_view(self.jobs.get(job.id))
 
@@ -178,6 +184,16 @@ class Studio:
             raise UserError(f"run {run!r}: no {file}")
         return path
 
+    def prompt_set(self, count: int, run: str = "") -> dict:
+        """Held-out prompts for the playground, checked against the captions of the dataset ``run`` trained
+        on when the studio knows it (a job made here)."""
+        job = next((j for j in self.jobs.all() if j.name == run and j.dataset), None) if run else None
+        trained: set[str] = set()
+        if job is not None and job.dataset in self.datasets.names():
+            metadata, _ = read_metadata(self.datasets.folder(job.dataset))
+            trained = {self.datasets.caption(path, metadata) for path in self.datasets.images(job.dataset)}
+        return {"prompts": held_out_prompts(count, trained), "checked_against": job.dataset if job else None}
+
     def run_model(self, run: str) -> tuple[str, str, int]:
         """(model name, dtype, resolution) the run trained on, from its config.yaml."""
         import yaml
@@ -188,10 +204,16 @@ class Studio:
                                                                                                         64))
 
     def playground(self, body: PlaygroundBody) -> dict:
-        from ..eval.layout import score_image
+        """Each prompt generated without and with the chosen LoRAs (same seed), and both scored: layout
+        fidelity where the prompt is in the layout language, OCR recall where it quotes text; means over
+        the prompt set beside each other."""
         from ..generate import LoraSpec, generate
         from ..models import ERNIE_IMAGE
 
+        prompts = [p.strip() for p in body.prompts]
+        for number, prompt in enumerate(prompts, start=1):
+            if not prompt or len(prompt) > 2000:
+                raise UserError(f"prompt {number}: give 1 to 2000 characters")
         paths = [self.lora_path(lora.run) for lora in body.loras]
         model, dtype, side = self.run_model(body.loras[0].run) if body.loras else ("micro", "fp32", 64)
         out = self.playground_dir / time.strftime("%Y%m%d-%H%M%S")
@@ -202,21 +224,45 @@ class Studio:
                 pipe.set_progress_bar_config(disable=True)
             common = dict(steps=body.steps, guidance=body.guidance, seed=body.seed, width=side, height=side,
                           dtype=dtype, pipe=pipe, model=model)
-            [before] = generate([body.prompt], out_dir=out / "before", **common)
-            [after] = generate([body.prompt], loras=[LoraSpec(p, lo.strength) for p, lo in
-                                                     zip(paths, body.loras, strict=True)],
-                               out_dir=out / "after", **common)
-        from PIL import Image
+            before = generate(prompts, out_dir=out / "before", **common)
+            after = generate(prompts, loras=[LoraSpec(p, lo.strength) for p, lo in
+                                             zip(paths, body.loras, strict=True)], out_dir=out / "after", **common)
+        rows = [{"prompt": prompt, "before": str(b.relative_to(self.root)), "after": str(a.relative_to(self.root)),
+                 "scores": {"before": _scores(b, prompt), "after": _scores(a, prompt)}}
+                for prompt, b, a in zip(prompts, before, after, strict=True)]
+        means = {}
+        for metric in ("layout", "text"):
+            pairs = [(r["scores"]["before"][metric], r["scores"]["after"][metric]) for r in rows
+                     if r["scores"]["before"][metric] is not None]
+            if pairs:
+                means[metric] = {"before": round(sum(b for b, _ in pairs) / len(pairs), 3),
+                                 "after": round(sum(a for _, a in pairs) / len(pairs), 3), "prompts": len(pairs)}
+        return {"rows": rows, "means": means}
 
-        scores = {}
-        for label, path in (("before", before), ("after", after)):
-            with Image.open(path) as image:
-                score = score_image(image.convert("RGB"), body.prompt)
-            scores[label] = None if score is None else {"layout": round(score.score, 3),
-                                                        "structure": round(score.structure, 3),
-                                                        "colour": round(score.colour, 3)}
-        return {"before": str(before.relative_to(self.root)), "after": str(after.relative_to(self.root)),
-                "scores": scores}
+
+def _scores(path: Path, prompt: str) -> dict:
+    """An image's objective scores for its prompt; None where the prompt gives the score nothing to check."""
+    from PIL import Image
+
+    from ..eval.layout import score_image
+    from ..eval.text import score_image_text
+
+    with Image.open(path) as image:
+        rgb = image.convert("RGB")
+    layout = score_image(rgb, prompt)
+    text = score_image_text(rgb, prompt)
+    return {"layout": None if layout is None else round(layout.score, 3),
+            "structure": None if layout is None else round(layout.structure, 3),
+            "colour": None if layout is None else round(layout.colour, 3),
+            "text": None if text is None else round(text, 3)}
+
+
+def held_out_prompts(count: int, trained: set[str]) -> list[str]:
+    """Test-split prompts of the synthetic world, none of them a caption in ``trained``: a score on
+    prompts a LoRA was trained on would measure memory, not what it learnt."""
+    from ..data.synthetic import split_captions
+
+    return [p for p in split_captions(count + len(trained), "test", seed=11) if p not in trained][:count]
 
 
 def create_app(root: Path, token: str | None = None, run_jobs: bool = True) -> FastAPI:
@@ -369,6 +415,10 @@ def create_app(root: Path, token: str | None = None, run_jobs: bool = True) -> F
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=studio.root)
         return {"text": done.stdout if done.returncode == 0 else done.stderr.strip()[-2000:]}
 
+    @app.get("/api/devices")
+    def devices() -> list[str]:
+        return studio.runner.devices
+
     @app.get("/api/jobs")
     def jobs() -> list[dict]:
         return [studio.job_view(job) for job in studio.jobs.all()]
@@ -408,7 +458,7 @@ def create_app(root: Path, token: str | None = None, run_jobs: bool = True) -> F
         while studio.jobs.name_taken(f"{job.name}-{n}"):
             n += 1
         return {"name": f"{job.name}-{n}", "recipe": job.recipe, "preset": job.preset, "dataset": job.dataset,
-                "config": config}
+                "device": job.device, "config": config}
 
     @app.get("/files/runs/{run}/{path:path}")
     def run_file(run: str, path: str) -> FileResponse:
@@ -446,6 +496,10 @@ def create_app(root: Path, token: str | None = None, run_jobs: bool = True) -> F
     @app.post("/api/playground")
     def playground(body: PlaygroundBody) -> dict:
         return studio.playground(body)
+
+    @app.get("/api/playground/prompts")
+    def playground_prompts(count: int = 6, run: str = "") -> dict:
+        return studio.prompt_set(max(1, min(count, MAX_PLAYGROUND_PROMPTS)), run)
 
     @app.get("/files/playground/{path:path}")
     def playground_file(path: str) -> FileResponse:

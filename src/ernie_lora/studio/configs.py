@@ -14,7 +14,9 @@ from ..data.categories import inside
 from ..errors import UserError
 
 MODELS = {"train": TrainRunConfig, "dpo": DpoRunConfig, "distill": DistillRunConfig}
-CONFIGS = Path(__file__).resolve().parents[3] / "configs"  # the repository's; the studio runs from a clone
+# an installed wheel carries the presets as ernie_lora/configs/ (setup.py); a clone has them in configs/
+_PACKAGED = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parents[3] / "configs"
 PRESETS = {  # key: (label, recipe, config file)
     "micro-demo": ("micro ERNIE demo (CPU, minutes)", "train", "micro-lora.yaml"),
     "8b-24gb": ("ERNIE-Image 8B LoRA, 24 GB GPU", "train", "ernie-image-lora-24gb.yaml"),
@@ -31,7 +33,7 @@ def preset(key: str) -> dict:
     label, recipe, file = PRESETS[key]
     path = CONFIGS / file
     if not path.is_file():
-        raise UserError(f"preset {key}: {path} is missing (the studio reads the presets from a clone's configs/)")
+        raise UserError(f"preset {key}: {path} is missing (reinstall ernie-lora, or run the studio from a clone)")
     config = safe_load_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
     if recipe == "train":
         config.setdefault("data", {}).pop("path", None)

@@ -41,9 +41,13 @@ CREATE TABLE IF NOT EXISTS jobs (
     message TEXT NOT NULL DEFAULT '',
     created REAL NOT NULL,
     started REAL,
-    finished REAL
+    finished REAL,
+    device TEXT NOT NULL DEFAULT '',
+    ran_on TEXT NOT NULL DEFAULT ''
 );
 """
+# columns added after the first release, for a studio.sqlite made before them
+ADDED_COLUMNS = {"device": "TEXT NOT NULL DEFAULT ''", "ran_on": "TEXT NOT NULL DEFAULT ''"}
 
 
 @dataclass
@@ -60,6 +64,8 @@ class Job:
     created: float
     started: float | None
     finished: float | None
+    device: str = ""  # the device asked for; "" = the first free one
+    ran_on: str = ""  # the device its latest process ran on
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -78,6 +84,10 @@ class JobStore:
         with self._connect() as con:
             con.execute("PRAGMA journal_mode=WAL")
             con.executescript(SCHEMA)
+            have = {row["name"] for row in con.execute("PRAGMA table_info(jobs)")}
+            for column, kind in ADDED_COLUMNS.items():
+                if column not in have:
+                    con.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
 
     def _connect(self) -> sqlite3.Connection:
         con = sqlite3.connect(self.path, timeout=30)
@@ -90,10 +100,11 @@ class JobStore:
     def run_dir(self, job: Job) -> Path:
         return self.runs_dir / job.name
 
-    def create(self, name: str, recipe: str, config_yaml: str, preset: str = "", dataset: str = "") -> Job:
+    def create(self, name: str, recipe: str, config_yaml: str, preset: str = "", dataset: str = "",
+               device: str = "") -> Job:
         with self._lock, self._connect() as con:
-            cur = con.execute("INSERT INTO jobs (name, recipe, preset, dataset, state, created) VALUES (?,?,?,?,?,?)",
-                              (name, recipe, preset, dataset, "queued", time.time()))
+            cur = con.execute("INSERT INTO jobs (name, recipe, preset, dataset, state, created, device) "
+                              "VALUES (?,?,?,?,?,?,?)", (name, recipe, preset, dataset, "queued", time.time(), device))
             job_id = cur.lastrowid
         folder = self.jobs_dir / str(job_id)
         folder.mkdir(parents=True, exist_ok=True)
@@ -124,15 +135,47 @@ def read_events(path: Path) -> list[dict]:
     """The JSON lines of a progress file (a torn last line, being written, is skipped)."""
     if not path.exists():
         return []
+    return _parse_lines(path.read_bytes().splitlines())
+
+
+def _parse_lines(lines: list[bytes]) -> list[dict]:
     events = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in lines:
         try:
-            event = json.loads(line)
+            event = json.loads(line.decode("utf-8", errors="replace"))
         except json.JSONDecodeError:
             continue
         if isinstance(event, dict):
             events.append(event)
     return events
+
+
+class ProgressFiles:
+    """``read_events`` for files that only grow: each call reads the bytes appended since the last one, so
+    polling every job each second costs what was written, not every file's whole length."""
+
+    def __init__(self) -> None:
+        self._seen: dict[Path, tuple[int, int, list[dict]]] = {}  # path: (inode, complete bytes read, events)
+        self._lock = threading.Lock()
+
+    def events(self, path: Path) -> list[dict]:
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            return []
+        with self._lock:
+            inode, offset, events = self._seen.get(path, (stat.st_ino, 0, []))
+            if inode != stat.st_ino or stat.st_size < offset:  # replaced or truncated: read it again
+                offset, events = 0, []
+            if stat.st_size > offset:
+                with path.open("rb") as handle:
+                    handle.seek(offset)
+                    chunk = handle.read(stat.st_size - offset)
+                complete = chunk.rfind(b"\n") + 1  # a line being written is read when it is whole
+                events = events + _parse_lines(chunk[:complete].splitlines())
+                offset += complete
+            self._seen[path] = (stat.st_ino, offset, events)
+            return list(events)
 
 
 def _alive(pid: int | None, marker: str) -> bool:
@@ -147,16 +190,41 @@ def _alive(pid: int | None, marker: str) -> bool:
     return marker in cmdline and status != "Z"
 
 
-class Runner:
-    """Starts queued jobs one at a time and follows them; ``tick`` is called by a thread and by tests."""
+def local_devices() -> list[str]:
+    """The devices jobs run on: every visible CUDA GPU, or the CPU where there is none."""
+    import torch  # deferred: only the job queue needs it, once
 
-    def __init__(self, store: JobStore, command: list[str] | None = None):
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return [f"cuda:{index}" for index in range(count)] or ["cpu"]
+
+
+def device_env(device: str) -> dict[str, str]:
+    """The environment that gives a job process only ``device`` (its ``cuda`` is that GPU)."""
+    if not device.startswith("cuda:"):
+        return {}
+    index = int(device.split(":", 1)[1])
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    return {"CUDA_VISIBLE_DEVICES": visible[index] if index < len(visible) else str(index)}
+
+
+class Runner:
+    """Starts queued jobs, one at a time per device, and follows them; ``tick`` is called by a thread and by
+    tests. A job asking for a device waits for it; one asking for none takes the first free device."""
+
+    def __init__(self, store: JobStore, command: list[str] | None = None, devices: list[str] | None = None):
         self.store = store
         self.command = command or [sys.executable, "-m", "ernie_lora.cli"]
+        self._devices = devices
         self._procs: dict[int, subprocess.Popen] = {}
         self._thread: threading.Thread | None = None
         self._halt = threading.Event()
         self._tick_lock = threading.Lock()
+
+    @property
+    def devices(self) -> list[str]:
+        if self._devices is None:
+            self._devices = local_devices()
+        return self._devices
 
     def marker(self, job: Job) -> str:
         return str(self.store.folder(job) / "config.yaml")
@@ -177,10 +245,17 @@ class Runner:
             for job in self.store.all():
                 if job.state in ACTIVE and not self._running(job):
                     self._finish(job)
-            if not any(job.state in ACTIVE for job in self.store.all()):
-                queued = [job for job in self.store.all() if job.state == "queued"]
-                if queued:
-                    self._launch(queued[0])
+            jobs = self.store.all()
+            # a job from a studio.sqlite older than devices ran on the default one
+            busy = {job.ran_on or self.devices[0] for job in jobs if job.state in ACTIVE}
+            queued = [job for job in jobs if job.state == "queued"]
+            for device in self.devices:
+                if device in busy:
+                    continue
+                job = next((j for j in queued if j.device in ("", device)), None)
+                if job is not None:
+                    queued.remove(job)
+                    self._launch(job, device)
 
     def _running(self, job: Job) -> bool:
         proc = self._procs.get(job.id)
@@ -188,7 +263,7 @@ class Runner:
             return proc.poll() is None
         return _alive(job.pid, self.marker(job))  # adopted after a restart: not our child
 
-    def _launch(self, job: Job) -> None:
+    def _launch(self, job: Job, device: str) -> None:
         folder, run = self.store.folder(job), self.store.run_dir(job)
         has_checkpoint = (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir())
         cmd = [*self.command, job.recipe, self.marker(job), "--output", str(run), "--progress", "json"]
@@ -196,14 +271,15 @@ class Runner:
             cmd.append("--resume" if has_checkpoint else "--overwrite")  # nothing to resume: start again
         with open(folder / "progress.jsonl", "a", encoding="utf-8") as out, \
                 open(folder / "log.txt", "a", encoding="utf-8") as err:
-            err.write(f"$ ernie-lora {' '.join(cmd[len(self.command):])}\n")
+            err.write(f"$ ernie-lora {' '.join(cmd[len(self.command):])}   # on {device}\n")
             err.flush()
-            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            env = {**os.environ, "PYTHONUNBUFFERED": "1", **device_env(device)}
             # its own session: the studio's Ctrl-C or death does not take the job with it
             proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, cwd=self.store.root,
                                     env=env, start_new_session=True)
         self._procs[job.id] = proc
-        self.store.update(job.id, state="running", pid=proc.pid, started=time.time(), finished=None, message="")
+        self.store.update(job.id, state="running", pid=proc.pid, started=time.time(), finished=None, message="",
+                          ran_on=device)
 
     def _finish(self, job: Job) -> None:
         """The process is gone: its state from its last event (or its exit status when it was ours)."""

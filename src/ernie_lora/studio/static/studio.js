@@ -43,17 +43,17 @@ function studio() {
     datasets: [], ds: null, newDataset: "", resolution: 64, sel: null, caption: "", lint: {findings: [], rewrites: {}},
     check: null, dragOver: false, uploading: false, uploadDone: 0, uploadTotal: 0, uploadNote: "",
     // jobs
-    jobs: [], job: null, presets: [], presetKey: "micro-demo", recipe: "train", jobName: "", jobDataset: "",
+    jobs: [], job: null, presets: [], presetKey: "micro-demo", recipe: "train", jobName: "", jobDataset: "", jobDevice: "", devices: [], presetSeq: 0, presetLoaded: 0,
     fieldList: [], form: {}, touched: {}, problems: [], planText: "", vram: 24, chart: null, chartKey: "",
     // loras
-    loras: [], strengths: {}, pgPrompt: "", pgSeed: 0, pgSteps: 20, pg: null, generating: false,
+    loras: [], strengths: {}, pgPrompts: "", pgSeed: 0, pgSteps: 20, pg: null, generating: false,
     rankDataset: "",
 
     async init() {
       const tab = location.hash.slice(1);
       if (this.pages.includes(tab)) this.page = tab;
       await this.refreshDatasets();
-      this.presets = await api("api/presets");
+      [this.presets, this.devices] = await Promise.all([api("api/presets"), api("api/devices")]);
       await this.newJob();
       await this.refreshJobs();
       if (this.page === "loras") await this.refreshLoras();
@@ -181,14 +181,18 @@ function studio() {
     async applyPreset(config = null) {
       const preset = this.presets.find((p) => p.key === this.presetKey);
       if (!preset) return;
+      const seq = ++this.presetSeq;  // a preset chosen while another loads: only the last one fills the form
+      const fieldList = await api(`api/fields/${preset.recipe}`);
+      if (seq !== this.presetSeq) return;
       this.recipe = preset.recipe;
-      this.fieldList = await api(`api/fields/${this.recipe}`);
+      this.fieldList = fieldList;
       const given = flatten(config || preset.config);
       this.form = {}; this.touched = {};
       for (const f of this.fieldList) this.form[f.key] = f.key in given ? given[f.key] : f.default;
       for (const key of Object.keys(given)) this.touched[key] = true;
       if (!this.jobName || this.jobName.startsWith("job-")) this.jobName = `job-${Date.now() % 100000}`;
       this.planText = "";
+      this.presetLoaded = seq;
       await this.validateJob();
     },
     setField(f, raw) {
@@ -220,7 +224,8 @@ function studio() {
     async startJob() {
       await this.guarded(async () => {
         const made = await api("api/jobs", {method: "POST", body: {name: this.jobName, recipe: this.recipe,
-          preset: this.presetKey, dataset: this.recipe === "train" ? this.jobDataset : "", config: this.config()}});
+          preset: this.presetKey, dataset: this.recipe === "train" ? this.jobDataset : "", device: this.jobDevice,
+          config: this.config()}});
         this.jobName = "";
         this.say(`job ${made.name} queued`);
         await this.refreshJobs();
@@ -238,6 +243,7 @@ function studio() {
       if (j.loss !== null && j.loss !== undefined) parts.push(`loss ${j.loss.toFixed(4)}`);
       if (j.s_per_step) parts.push(`${j.s_per_step.toFixed(3)} s/it`);
       if (j.eta_s !== null && j.eta_s !== undefined && j.state === "running") parts.push(`ETA ${Math.round(j.eta_s)} s`);
+      if (j.ran_on) parts.push(`on ${j.ran_on}`);
       return parts.join(" · ");
     },
     async jobAction(action) {
@@ -253,6 +259,7 @@ function studio() {
         this.job = null;
         if (copy.preset) this.presetKey = copy.preset;
         this.jobDataset = copy.dataset;
+        this.jobDevice = copy.device || "";
         this.jobName = copy.name;
         const config = copy.config;
         if (copy.recipe === "train" && config.data) delete config.data.path;
@@ -294,19 +301,33 @@ function studio() {
       await this.guarded(async () => {
         this.loras = await api("api/loras");
         for (const l of this.loras) { const k = l.run + "/" + l.file; if (!(k in this.strengths)) this.strengths[k] = l.file === "lora.safetensors" ? 1.0 : 0; }
-        if (!this.pgPrompt) this.pgPrompt = 'a poster with title "OPEN DAY", title band at the top, centered layout, purple theme';
+        if (!this.pgPrompts) this.pgPrompts = 'a poster with title "OPEN DAY", title band at the top, centered layout, purple theme';
       });
     },
-    scoreLine(s) { return s ? `layout ${s.layout} (structure ${s.structure}, colour ${s.colour})` : "(no layout score for this prompt)"; },
+    scoreLine(s) {
+      const parts = [];
+      if (s.layout !== null) parts.push(`layout ${s.layout} (structure ${s.structure}, colour ${s.colour})`);
+      if (s.text !== null) parts.push(`text ${s.text}`);
+      return parts.length ? parts.join(", ") : "(nothing in this prompt to score)";
+    },
+    async heldOutPrompts() {
+      await this.guarded(async () => {
+        const run = (this.loras.find((l) => !l.error && this.strengths[l.run + "/" + l.file]) || {}).run || "";
+        const set = await api(`api/playground/prompts?count=6&run=${encodeURIComponent(run)}`);
+        this.pgPrompts = set.prompts.join("\n");
+        this.say(`${set.prompts.length} held-out prompts` + (set.checked_against ? `, none a caption of ${set.checked_against}` : ""));
+      });
+    },
     async generate() {
       this.generating = true;
-      this.say("generating before and after...");
+      const prompts = this.pgPrompts.split("\n").map((p) => p.trim()).filter((p) => p);
+      this.say(`generating ${prompts.length} prompt(s) before and after...`);
       await this.guarded(async () => {
         const loras = this.loras.filter((l) => !l.error && this.strengths[l.run + "/" + l.file])
           .filter((l) => l.file === "lora.safetensors")
           .map((l) => ({run: l.run, strength: this.strengths[l.run + "/" + l.file]}));
-        this.pg = await api("api/playground", {method: "POST", body: {prompt: this.pgPrompt, loras, seed: this.pgSeed, steps: this.pgSteps}});
-        this.say(`generated with ${loras.length} LoRA(s)`);
+        this.pg = await api("api/playground", {method: "POST", body: {prompts, loras, seed: this.pgSeed, steps: this.pgSteps}});
+        this.say(`generated ${prompts.length} prompt(s) with ${loras.length} LoRA(s)`);
       });
       this.generating = false;
     },
