@@ -59,7 +59,7 @@ def test_auto_caption_recovers_title_text_and_position(tmp_path, capsys):
     Image.new("RGB", (256, 256), (120, 160, 200)).save(tmp_path / "blank.png")
     code, out, _ = run_cli(["caption", "auto", str(tmp_path), "--kind", "poster"], capsys)
     assert code == 0 and "13 images, 11 captions written" in out
-    assert "blank.png: no text found; no caption written" in out and not (tmp_path / "blank.txt").exists()
+    assert "blank.png: no text or layout found; no caption written" in out and not (tmp_path / "blank.txt").exists()
     assert (tmp_path / "p00.txt").read_text() == "my own caption\n"  # never replaced without --overwrite
     own = tmp_path / "own"  # the user's caption, on its own: OCR runs once per image a call looks at
     own.mkdir()

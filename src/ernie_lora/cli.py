@@ -311,15 +311,18 @@ def caption_lint(
     model: str | None = typer.Option(None, "--model", "-m", help="count tokens with this model's tokenizer"),
     max_tokens: int | None = typer.Option(None, help="token limit (default: the tokenizer's model_max_length)"),
     ocr: bool = typer.Option(True, "--ocr/--no-ocr", help="read the images' text to flag unquoted text"),
+    images: bool = typer.Option(False, "--images", help="compare each caption with its image's text, colours, "
+                                                        "bands, panels and positions"),
     strict: bool = typer.Option(False, "--strict", help="exit 1 when anything is flagged"),
 ) -> None:
-    """Flag weak captions: unquoted text, no layout or hierarchy words, too long, trigger words only."""
+    """Flag weak captions: unquoted text, no layout or hierarchy words, too long, trigger words only; with
+    --images, what the caption omits or contradicts of its image."""
     from .captions.lint import lint_folder, summary_table
 
-    findings, total = lint_folder(folder, model=model, ocr=ocr, max_tokens=max_tokens)
+    findings, total = lint_folder(folder, model=model, ocr=ocr, max_tokens=max_tokens, images=images)
     for finding in findings:
         typer.echo(str(finding))
-    typer.echo(summary_table(findings, total))
+    typer.echo(summary_table(findings, total, images))
     if strict and findings:
         raise typer.Exit(1)
 
@@ -327,21 +330,22 @@ def caption_lint(
 @caption_app.command("auto")
 def caption_auto(
     folder: Path = typer.Argument(..., help="a folder of images"),
-    kind: str = typer.Option("other", help="poster, infographic, comic, ui or other"),
+    kind: str = typer.Option("auto", help="poster, infographic, comic, ui, other, or auto (guessed per image)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace existing .txt captions"),
     dry_run: bool = typer.Option(False, "--dry-run", help="show the diff, write nothing"),
     vlm: str | None = typer.Option(None, "--vlm", help="a transformers image-to-text model id to add a description"),
 ) -> None:
-    """Write structured captions from the images' text (offline OCR): roles, positions, reading order."""
+    """Write structured captions from the images' text (offline OCR) and layout (bands, bars, blocks, panels,
+    colours): roles, positions, reading order, background and theme."""
     from .captions.auto import auto_caption_folder, caption_diff
     from .captions.schema import KINDS
 
-    if kind not in KINDS:
-        raise UserError(f"--kind {kind!r}: choose from {', '.join(KINDS)}")
+    if kind not in (*KINDS, "auto"):
+        raise UserError(f"--kind {kind!r}: choose from {', '.join(KINDS)} or auto")
     results = auto_caption_folder(folder, kind=kind, overwrite=overwrite, dry_run=dry_run, vlm=vlm)
     for result in results:
         if not result.found_text:
-            typer.echo(f"{result.image.name}: no text found; no caption written")
+            typer.echo(f"{result.image.name}: no text or layout found; no caption written")
         elif dry_run:
             typer.echo(caption_diff(result))
         elif result.written:

@@ -1,9 +1,15 @@
-"""Auto-captions: OCR text boxes -> a structured caption in the layout language.
+"""Auto-captions: an image -> a structured caption in the layout language, from its text and its layout.
 
-Roles come from size and position: the tallest line is the title; a clearly smaller line right
-under it is the subtitle; long lines are body text, the rest labels. Positions are the cell of the
-3x3 grid that holds each box's centre; elements follow the reading order (top to bottom, then left
-to right). Existing captions are never replaced unless asked to; ``--dry-run`` shows a diff.
+Text (offline OCR, words spaced by their geometry): roles come from size and position: the tallest
+line is the title; a clearly smaller line right under it is the subtitle; long lines are body text,
+the rest labels. Positions are the cell of the 3x3 grid that holds each box's centre; elements follow
+the reading order (top to bottom, then left to right).
+
+Layout (``captions.analysis``): bands, accent bars, blocks and block grids with their colours, image
+areas, panels and speech bubbles, the background and the theme (the colour of the largest coloured
+region). The kind (poster, infographic, comic, UI) is guessed from those unless given.
+
+Existing captions are never replaced unless asked to; ``--dry-run`` shows a diff.
 """
 
 from __future__ import annotations
@@ -17,20 +23,12 @@ from PIL import Image
 from ..data.dataset import CACHE_DIR_NAME, IMAGE_EXTS
 from ..errors import UserError
 from ..io import atomic_write_text, open_image
+from .analysis import HUE_NAMES, Analysis, Region, analyse, clusters, grid_position
 from .ocr import TextBox, read_text
 from .schema import CaptionSchema, Element, render
 
-_ROWS = ("top", "", "bottom")
-_COLS = ("left", "", "right")
-
-
-def grid_position(x: float, y: float, width: int, height: int) -> str:
-    """The 9-cell grid position of a point: top-left ... center ... bottom-right."""
-    row = _ROWS[min(2, int(3 * y / height))]
-    col = _COLS[min(2, int(3 * x / width))]
-    if row and col:
-        return f"{row}-{col}"
-    return row or col or "center"
+OCR_MIN_SIDE = 256  # smaller images are enlarged for OCR (a 64 px poster's letters are 8 px tall)
+MAX_SHAPES = 6  # the largest shapes named in a caption; more make it long, not better
 
 
 def _same_line(a: TextBox, b: TextBox) -> bool:
@@ -67,6 +65,7 @@ def _lines(boxes: list[TextBox]) -> list[TextBox]:
 
 
 def boxes_to_schema(boxes: list[TextBox], width: int, height: int, kind: str = "other") -> CaptionSchema:
+    """The text elements of a caption from OCR boxes: roles by size and position, in reading order."""
     lines = _lines(boxes)
     if not lines:
         return CaptionSchema(kind=kind)
@@ -110,14 +109,109 @@ def vlm_description(image: Image.Image, model_id: str) -> str:
         raise UserError(f"--vlm {model_id}: cannot run it ({type(exc).__name__}: {exc})") from None
 
 
-def auto_caption_image(image: Image.Image, kind: str = "other") -> tuple[str, bool]:
-    """(the caption of one image from its OCR text, whether any text was found)."""
+def read_lines(image: Image.Image) -> list[TextBox]:
+    """The OCR lines of an image (small images enlarged first), boxes in the image's own pixels. A doubtful
+    reading (under 0.85) of a box over a quarter of the image, or of one or two characters, is a pattern
+    taken for glyphs (a grid of blocks read as "品"), not text."""
+    factor = max(1.0, OCR_MIN_SIDE / min(image.size))
+    if factor == 1:
+        boxes = read_text(image)
+    else:
+        big = image.resize((round(image.width * factor), round(image.height * factor)), Image.Resampling.LANCZOS)
+        boxes = [TextBox(b.text, b.confidence, tuple(v / factor for v in b.box)) for b in read_text(big)]
+    area = image.width * image.height
+    return [b for b in boxes if b.confidence >= 0.85 or (
+        (b.box[2] - b.box[0]) * b.height < 0.25 * area and len(b.text.strip()) > 2)]
+
+
+def block_grids(analysis: Analysis, regions: list[Region] | None = None
+                ) -> list[tuple[list[Region], tuple[int, int] | None]]:
+    """Blocks of one colour and about one size (within 2x), two or more: (the blocks, their rows x columns
+    when they fill a grid)."""
+    groups: dict[str, list[Region]] = {}
+    for region in analysis.regions if regions is None else regions:
+        if region.kind == "block":
+            groups.setdefault(region.colour, []).append(region)
+    found = []
+    for blocks in groups.values():
+        biggest = max(b.share for b in blocks)
+        alike = [b for b in blocks if b.share >= 0.5 * biggest]
+        if len(alike) < 2:
+            continue
+        rows = len(clusters([(b.box[1] + b.box[3]) / 2 for b in alike], analysis.height * 0.08))
+        cols = len(clusters([(b.box[0] + b.box[2]) / 2 for b in alike], analysis.width * 0.08))
+        found.append((alike, (rows, cols) if rows * cols == len(alike) else None))
+    return found
+
+
+def guess_kind(analysis: Analysis) -> str:
+    """poster, infographic, comic or ui from the shapes; ``other`` when nothing says which."""
+    panel_area = sum((p.box[2] - p.box[0]) * (p.box[3] - p.box[1]) for p in analysis.panels)
+    if analysis.panels and panel_area >= 0.4 * analysis.width * analysis.height:
+        return "comic"
+    if analysis.background in ("light grey", "grey") and any(
+            r.kind == "block" and r.colour == "white" and r.share >= 0.25 for r in analysis.regions):
+        return "ui"  # a white card on a grey ground
+    if any(grid and colour in HUE_NAMES for (blocks, grid) in block_grids(analysis)
+           for colour in {blocks[0].colour}):
+        return "infographic"
+    if any(r.kind in ("band", "bar") for r in analysis.regions):
+        return "poster"
+    return "other"
+
+
+def describe(analysis: Analysis, lines: list[TextBox], kind: str = "auto") -> CaptionSchema:
+    """The full caption schema: text elements from the OCR lines, shapes, panels and colours from the analysis."""
+    kind = guess_kind(analysis) if kind == "auto" else kind
+    schema = boxes_to_schema(lines, analysis.width, analysis.height, kind)
+    shapes: list[Element] = []
+
+    def in_panel(region: Region) -> bool:  # a panel's content (figures, ground) is drawing, not layout
+        cx, cy = (region.box[0] + region.box[2]) / 2, (region.box[1] + region.box[3]) / 2
+        return any(p.box[0] <= cx <= p.box[2] and p.box[1] <= cy <= p.box[3] for p in analysis.panels)
+
+    regions = [r for r in analysis.regions if not in_panel(r)]
+    grouped = set()
+    for blocks, grid in block_grids(analysis, regions):
+        shapes.append(Element("block", colour=blocks[0].colour, count=len(blocks), grid=grid))
+        grouped.update(id(b) for b in blocks)
+    for region in regions:
+        if id(region) in grouped:
+            continue
+        shapes.append(Element(region.kind, colour=region.colour, position=region.position))
+    for number, panel in enumerate(analysis.panels, start=1):
+        if panel.bubble:
+            shapes.append(Element("bubble", panel=number))
+    merged: dict[tuple, Element] = {}  # alike shapes in one place: one phrase with a count
+    for shape in shapes:
+        key = (shape.role, shape.colour, shape.position, shape.panel, shape.grid)
+        if key in merged and shape.count is None:
+            merged[key].count = (merged[key].count or 1) + 1
+        else:
+            merged[key] = shape
+    schema.elements += list(merged.values())[:MAX_SHAPES]
+    coloured = [r for r in regions if r.colour in HUE_NAMES]
+    theme = max(coloured, key=lambda r: r.share).colour if coloured else next(
+        (name for name, _ in analysis.palette if name in HUE_NAMES), None)
+    schema.theme = theme
+    schema.background = analysis.background
+    if analysis.panels:
+        schema.panels = len(analysis.panels)
+        rows, cols = analysis.panel_grid
+        if len(analysis.panels) > 1:
+            schema.layout = "side by side" if rows == 1 else "stacked" if cols == 1 else f"{rows}x{cols} grid"
+    return schema
+
+
+def auto_caption_image(image: Image.Image, kind: str = "auto") -> tuple[str, bool]:
+    """(the caption of one image from its text and layout, whether it found anything to say)."""
     image = image.convert("RGB")
-    schema = boxes_to_schema(read_text(image), image.width, image.height, kind)
-    return render(schema, "natural"), bool(schema.elements)
+    lines = read_lines(image)
+    schema = describe(analyse(image, lines), lines, kind)
+    return render(schema, "natural"), bool(schema.elements)  # a colour alone is no caption worth writing
 
 
-def auto_caption_folder(folder: str | Path, kind: str = "other", overwrite: bool = False, dry_run: bool = False,
+def auto_caption_folder(folder: str | Path, kind: str = "auto", overwrite: bool = False, dry_run: bool = False,
                         vlm: str | None = None) -> list[AutoCaption]:
     folder = Path(folder)
     if not folder.is_dir():

@@ -3,10 +3,15 @@
 Checks: non-UTF-8 files; trigger-word-only captions; no quoted text although the image has text
 (OCR); no layout words; no hierarchy (role) words; more tokens than the text encoder reads
 (counted with the model's own tokenizer; the pipeline truncates the rest away).
+
+With ``--images`` each caption is also compared with what the image shows (OCR and
+``captions.analysis``): text the image has that the caption does not quote or misspells, the background
+or theme colour never named, a band never named, a wrong panel count, a title placed at the wrong edge.
 """
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -27,6 +32,8 @@ HIERARCHY_WORDS = {
     "header", "logo", "slogan",
 }
 CHECKS = ("not UTF-8", "trigger word only", "no quoted text", "no layout words", "no hierarchy", "too many tokens")
+IMAGE_CHECKS = ("text not quoted", "text misspelled", "colour not named", "band not named", "panel count wrong",
+                "position wrong")
 
 
 @dataclass
@@ -59,6 +66,60 @@ def lint_caption(text: str, image_has_text: bool | None, max_tokens: int | None,
     return found
 
 
+def _normal(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def _opposite(said: str, seen: str) -> bool:
+    """Two grid positions at opposite edges (top vs bottom, left vs right): not a near miss."""
+    pairs = (("top", "bottom"), ("left", "right"))
+    return any((a in said.split("-") and b in seen.split("-")) or (b in said.split("-") and a in seen.split("-"))
+               for a, b in pairs)
+
+
+def lint_against_image(text: str, image) -> list[tuple[str, str]]:
+    """(check, detail) pairs where a caption omits or contradicts what its image shows."""
+    from .analysis import HUE_NAMES, analyse, grid_position
+    from .auto import read_lines
+    from .schema import parse
+
+    lines = [b for b in read_lines(image) if b.confidence > 0.8 and len(b.text.strip()) >= 2]
+    analysis = analyse(image, lines)
+    said = parse(text)
+    quoted = [_normal(q) for q in re.findall(r'"([^"]+)"|“([^”]+)”|「([^」]+)」', text) for q in q if q]
+    found = []
+    for line in lines:
+        seen = _normal(line.text)
+        if any(seen == q or seen in q for q in quoted):
+            continue
+        close = max(quoted, key=lambda q: difflib.SequenceMatcher(None, q, seen).ratio(), default=None)
+        if close is not None and difflib.SequenceMatcher(None, close, seen).ratio() >= 0.75:
+            found.append(("text misspelled", f'caption "{close}", image "{line.text}"'))
+        else:
+            found.append(("text not quoted", f'the image reads "{line.text}"'))
+    words = " ".join(re.findall(r"[\w-]+", text.lower()))
+    coloured = [r for r in analysis.regions if r.colour in HUE_NAMES]
+    main = max(coloured, key=lambda r: r.share) if coloured else None
+    for colour, what in ((analysis.background, "background"), (main.colour if main else None, "largest colour")):
+        if colour and not re.search(rf"\b{colour}\b", words):
+            found.append(("colour not named", f"the {what} is {colour}"))
+    bands = [r for r in analysis.regions if r.kind == "band"]
+    if bands and "band" not in words.split():
+        found.append(("band not named", f"a {bands[0].colour} band at the {bands[0].position}"))
+    panels = len(analysis.panels)
+    if (said.panels or 0) != panels and (panels >= 2 or said.panels):
+        found.append(("panel count wrong", f"caption {said.panels or 0}, image {panels}"))
+    titles = [e for e in said.elements if e.role == "title" and e.text and e.position]
+    if titles and lines:
+        for line in lines:
+            if _normal(line.text) == _normal(titles[0].text):
+                seen = grid_position(*line.centre, analysis.width, analysis.height)
+                if _opposite(titles[0].position, seen):
+                    found.append(("position wrong", f'title "{line.text}": caption {titles[0].position}, '
+                                                    f"image {seen}"))
+    return found
+
+
 def load_tokenizer(model: str):
     """The model's own tokenizer (what the pipeline counts with), loaded alone."""
     from ..models import family_for  # deferred: torch and diffusers load only when --model counts tokens
@@ -67,7 +128,7 @@ def load_tokenizer(model: str):
 
 
 def lint_folder(folder: str | Path, model: str | None = None, ocr: bool = True,
-                max_tokens: int | None = None) -> tuple[list[LintFinding], int]:
+                max_tokens: int | None = None, images: bool = False) -> tuple[list[LintFinding], int]:
     """Findings for every caption of a dataset folder, and how many captions were read."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -97,12 +158,17 @@ def lint_folder(folder: str | Path, model: str | None = None, ocr: bool = True,
             has_text = any(box.confidence > 0.8 and len(box.text) >= 2 for box in reader(open_image(image)))
         for check, detail in lint_caption(text, has_text, max_tokens if count_tokens else None, count_tokens):
             findings.append(LintFinding(txt, check, detail))
+        if images and image is not None:
+            findings += [LintFinding(txt, check, detail)
+                         for check, detail in lint_against_image(text, open_image(image).convert("RGB"))]
     return findings, len(captions)
 
 
-def summary_table(findings: list[LintFinding], total: int) -> str:
+def summary_table(findings: list[LintFinding], total: int, images: bool = False) -> str:
     counts = Counter(f.check for f in findings)
-    rows = [f"{'check':20s} {'files':>6s}"] + [f"{check:20s} {counts.get(check, 0):6d}" for check in CHECKS]
+    files = {check: len({f.path for f in findings if f.check == check}) for check in counts}
+    rows = [f"{'check':20s} {'files':>6s}"] + [f"{check:20s} {files.get(check, 0):6d}"
+                                               for check in CHECKS + (IMAGE_CHECKS if images else ())]
     flagged = len({f.path for f in findings})
     rows.append(f"{flagged} of {total} captions flagged")
     return "\n".join(rows)

@@ -14,7 +14,12 @@ from dataclasses import dataclass, field
 
 KINDS = ("poster", "infographic", "comic", "ui", "other")
 ROLES = ("title", "subtitle", "heading", "label", "body", "button", "caption", "panel")
-POSITIONS = ("top-left", "top", "top-right", "left", "center", "right", "bottom-left", "bottom", "bottom-right")
+# shapes: what the layout analysis finds besides text (captions.analysis)
+SHAPES = ("band", "bar", "block", "image", "bubble")
+POSITIONS = ("top-left", "top", "top-right", "left", "center", "right", "bottom-left", "bottom", "bottom-right",
+             "middle")  # "middle": a band across the middle
+COLOUR_WORDS = ("red", "blue", "green", "yellow", "orange", "teal", "purple", "pink", "white", "light grey", "grey",
+                "black", "brown", "navy", "gold", "beige", "cyan", "magenta", "violet", "cream")
 STYLES = ("natural", "keyword", "instruction")
 SIZES = ("small", "medium", "large")
 WEIGHTS = ("regular", "bold")
@@ -31,9 +36,12 @@ class Element:
     panel: int | None = None  # 1-based panel index, for comics
     size: str | None = None
     weight: str | None = None
+    colour: str | None = None  # shapes: a name from COLOUR_WORDS
+    count: int | None = None  # shapes: several alike (blocks of a grid)
+    grid: tuple[int, int] | None = None  # shapes: (rows, columns) of those
 
     def __post_init__(self) -> None:
-        for name, value, allowed in (("role", self.role, ROLES), ("position", self.position, POSITIONS),
+        for name, value, allowed in (("role", self.role, ROLES + SHAPES), ("position", self.position, POSITIONS),
                                      ("size", self.size, SIZES), ("weight", self.weight, WEIGHTS)):
             if value is not None and value not in allowed:
                 raise ValueError(f"element {name} {value!r}: choose from {', '.join(allowed)}")
@@ -48,6 +56,7 @@ class CaptionSchema:
     layout: str | None = None  # e.g. "centered", "grid", "two-column"
     panels: int | None = None
     reading_order: str | None = None  # e.g. "left to right", "top to bottom"
+    background: str | None = None  # a name from COLOUR_WORDS
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -62,7 +71,21 @@ def _where(element: Element) -> str:
     return " in the center" if element.position == "center" else f" at the {element.position}"
 
 
+_SHAPE_NOUN = {"band": "band", "bar": "accent bar", "block": "block", "image": "image area", "bubble": "speech bubble"}
+
+
+def _shape_phrase(element: Element) -> str:
+    noun = _SHAPE_NOUN[element.role]
+    colour = f"{element.colour} " if element.colour else ""
+    if element.count and element.count > 1:
+        grid = f" in a {element.grid[0]}x{element.grid[1]} grid" if element.grid else ""
+        return f"{_count(element.count)} {colour}{noun}s{grid}{_where(element)}"
+    return f"{'an' if (colour or noun)[0] in 'aeiou' else 'a'} {colour}{noun}{_where(element)}"
+
+
 def _element_phrase(element: Element) -> str:
+    if element.role in SHAPES:
+        return _shape_phrase(element)
     hints = " ".join(h for h in (element.size, element.weight) if h)
     words = f"{hints} {element.role}" if hints else element.role
     text = f' "{element.text}"' if element.text is not None else ""
@@ -85,6 +108,8 @@ def render(schema: CaptionSchema, style: str = "natural") -> str:
         extras.append(f"read {schema.reading_order}")
     if schema.layout:
         extras.append(f"{schema.layout} layout")
+    if schema.background:
+        extras.append(f"{schema.background} background")
     if schema.colours:
         extras.append("colours " + " and ".join(schema.colours))
     if schema.theme:
@@ -98,7 +123,8 @@ def render(schema: CaptionSchema, style: str = "natural") -> str:
         return ", ".join([noun.split(" ", 1)[1]] + keyword_parts + extras)
     verb = {"comic": "Draw", "ui": "Design", "other": "Create"}.get(schema.kind, "Design")
     sentences = [f"{verb} {noun}."]
-    sentences += [f"Place the {p}." for p in parts]
+    sentences += [f"Place {p}." if e.role in SHAPES else f"Place the {p}."
+                  for p, e in zip(parts, schema.elements, strict=True)]
     if extras:
         sentences.append("Use " + ", ".join(extras) + ".")
     return " ".join(sentences)
@@ -116,6 +142,18 @@ _ELEMENT_RE = re.compile(
     re.IGNORECASE,
 )
 _NUMBER_RE = r"(\d+|one|two|three|four|five|six|seven|eight|nine)"
+_COLOUR = "(?P<colour>" + "|".join(sorted(COLOUR_WORDS, key=len, reverse=True)) + ")"
+_AT = (r"(?:\s+(?:at|in|on|across)\s+the\s+(?P<position>top[- ]left|top[- ]right|bottom[- ]left|bottom[- ]right|top|"
+       r"bottom|left|right|center|centre|middle))?")
+_SHAPE_RES = (
+    ("band", re.compile(rf"\b(?:{_COLOUR}\s+)?(?:title\s+)?band{_AT}", re.IGNORECASE)),
+    ("bar", re.compile(rf"\b(?:{_COLOUR}\s+)?(?:accent\s+|subtitle\s+)?bar\b{_AT}", re.IGNORECASE)),
+    ("block", re.compile(rf"\b(?P<count>\d+|one|two|three|four|five|six|seven|eight|nine|an?)\s+(?:{_COLOUR}\s+)?"
+                         rf"blocks?(?:\s+in\s+a\s+(?P<rows>\d)x(?P<cols>\d)\s+grid)?{_AT}", re.IGNORECASE)),
+    ("image", re.compile(rf"\bimage area{_AT}", re.IGNORECASE)),
+    ("bubble", re.compile(r"\bspeech bubble(?:\s+in\s+panel\s+(?P<panel>\d+))?", re.IGNORECASE)),
+)
+_BACKGROUND_RE = re.compile(rf"\b{_COLOUR}\s+background\b", re.IGNORECASE)
 _WORD_NUMBERS = {v: k for k, v in NUMBER_WORDS.items()}
 
 
@@ -151,6 +189,17 @@ def parse(text: str) -> CaptionSchema:
     for quoted in re.findall(r'"([^"]*)"', text):  # quoted text with no role word: a label
         if quoted not in claimed:
             elements.append(Element(role="label", text=quoted))
+    for role, pattern in _SHAPE_RES:
+        for m in pattern.finditer(text):
+            found = m.groupdict()
+            count = found.get("count")
+            count = None if count is None or count.lower() in ("a", "an") else _number(count)
+            rows, cols = found.get("rows"), found.get("cols")
+            elements.append(Element(role=role, colour=found.get("colour") and found["colour"].lower(),
+                                    position=_position(found.get("position")), count=count,
+                                    grid=(int(rows), int(cols)) if rows else None,
+                                    panel=int(found["panel"]) if found.get("panel") else None))
+    background = _BACKGROUND_RE.search(text)
     theme = re.search(r"\b((?:(?:dark|light|pale|deep|bright|pastel|neon|muted|warm|cool|navy)[- ])?[a-z]+) "
                       r"(?:theme|color scheme|colour scheme)\b", lower)
     panels = re.search(_NUMBER_RE + r"[- ]panels?\b", lower)
@@ -164,6 +213,7 @@ def parse(text: str) -> CaptionSchema:
         layout=layout.group(1).replace("centred", "centered") if layout else None,
         panels=1 if single else (_number(panels.group(1)) if panels else None),
         reading_order=order.group(1) if order else None,
+        background=background.group("colour").lower() if background else None,
     )
 
 
@@ -204,6 +254,8 @@ def restyle(caption: str, style: str) -> str:
     if style == "natural" or not caption.strip():
         return caption
     schema = parse(caption)
-    if schema.elements and content_words(caption) <= content_words(render(schema, "natural")):
+    # shapes parse with less than was said ("title band" -> a band): their phrases are reworded, not re-rendered
+    if (schema.elements and not any(e.role in SHAPES for e in schema.elements)
+            and content_words(caption) <= content_words(render(schema, "natural"))):
         return render(schema, style)
     return _keyword_phrases(caption) if style == "keyword" else _instruction(caption)
