@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from ..data.synthetic import COLOURS
+from ..eval.layout import hue_degrees
 from .ocr import TextBox
 
 WORK_SIDE = 256  # every image is analysed at this size (longest side)
@@ -35,22 +36,14 @@ NEUTRALS = ("white", "light grey", "grey", "black")
 NAMES = (*HUE_NAMES, *NEUTRALS)
 
 
-def _hue_degrees(rgb: np.ndarray) -> np.ndarray:
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    top, low = rgb.max(axis=-1), rgb.min(axis=-1)
-    span = np.maximum(top - low, 1e-6)
-    hue = np.where(top == r, (g - b) / span % 6, np.where(top == g, (b - r) / span + 2, (r - g) / span + 4))
-    return hue * 60.0
-
-
-_HUES = _hue_degrees(np.array([COLOURS[c] for c in HUE_NAMES], dtype=np.float32))
+_HUES = hue_degrees(np.array([COLOURS[c] for c in HUE_NAMES], dtype=np.float32))
 
 
 def name_pixels(rgb: np.ndarray) -> np.ndarray:
     """Per pixel, the index into ``NAMES`` of its colour name."""
     rgb = rgb.astype(np.float32)
     top, chroma = rgb.max(axis=-1), rgb.max(axis=-1) - rgb.min(axis=-1)
-    distance = np.abs(_hue_degrees(rgb)[..., None] - _HUES)
+    distance = np.abs(hue_degrees(rgb)[..., None] - _HUES)
     hue = np.minimum(distance, 360 - distance).argmin(axis=-1)
     luminance = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
     neutral = np.select([luminance > 215, luminance > 165, luminance > 85], [0, 1, 2], 3) + len(HUE_NAMES)

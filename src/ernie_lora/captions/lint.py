@@ -86,7 +86,7 @@ def lint_against_image(text: str, image) -> list[tuple[str, str]]:
     lines = [b for b in read_lines(image) if b.confidence > 0.8 and len(b.text.strip()) >= 2]
     analysis = analyse(image, lines)
     said = parse(text)
-    quoted = [_normal(q) for q in re.findall(r'"([^"]+)"|“([^”]+)”|「([^」]+)」', text) for q in q if q]
+    quoted = [_normal(next(g for g in groups if g)) for groups in re.findall(r'"([^"]+)"|“([^”]+)”|「([^」]+)」', text)]
     found = []
     for line in lines:
         seen = _normal(line.text)
