@@ -138,3 +138,23 @@ def test_the_synthetic_world_is_recovered_at_its_own_size():
         assert said.theme == layout.theme and (said.panels or 0) == layout.panels
         if layout.title:
             assert [e.text for e in said.elements if e.role == "title"] == [layout.title]
+
+
+def test_lint_images_reads_an_images_text_once(tmp_path, monkeypatch):
+    import ernie_lora.captions.auto as auto
+    import ernie_lora.captions.lint as lint
+
+    calls = []
+
+    def counted(image, *args, **kwargs):
+        calls.append(image.size)
+        return read_text(image, *args, **kwargs)
+
+    monkeypatch.setattr(lint, "read_text", counted)
+    monkeypatch.setattr(auto, "read_text", counted)
+    draw_poster(DesignedPoster("white", "left", "purple", "orange", "Summer Market", "every Friday")).save(
+        tmp_path / "p.png")
+    (tmp_path / "p.txt").write_text('a poster with title "Summer Market" at the top\n')
+    findings, _ = lint_folder(tmp_path, ocr=True, images=True)
+    assert calls == [(512, 512)]
+    assert {f.check for f in findings} >= {"colour not named", "band not named"}

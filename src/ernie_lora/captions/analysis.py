@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from ..data.synthetic import COLOURS
-from ..eval.layout import hue_degrees
+from ..eval.layout import hue_degrees, run_centres
 from .ocr import TextBox
 
 WORK_SIDE = 256  # every image is analysed at this size (longest side)
@@ -79,8 +79,8 @@ class Analysis:
     def panel_grid(self) -> tuple[int, int] | None:
         if not self.panels:
             return None
-        return (len(clusters([(p.box[1] + p.box[3]) / 2 for p in self.panels], self.height * 0.1)),
-                len(clusters([(p.box[0] + p.box[2]) / 2 for p in self.panels], self.width * 0.1)))
+        return (len(run_centres([(p.box[1] + p.box[3]) / 2 for p in self.panels], self.height * 0.1)),
+                len(run_centres([(p.box[0] + p.box[2]) / 2 for p in self.panels], self.width * 0.1)))
 
     def largest(self, count: int = 2) -> list[str]:
         """The colours of the ``count`` largest areas: the background, then regions by size."""
@@ -92,16 +92,6 @@ class Analysis:
             if name not in names:
                 names.append(name)
         return names[:count]
-
-
-def clusters(values: list[float], gap: float) -> list[float]:
-    groups: list[list[float]] = []
-    for value in sorted(values):
-        if groups and value - groups[-1][-1] <= gap:
-            groups[-1].append(value)
-        else:
-            groups.append([value])
-    return [sum(g) / len(g) for g in groups]
 
 
 def grid_position(x: float, y: float, width: int, height: int) -> str:

@@ -22,8 +22,9 @@ from PIL import Image
 
 from ..data.dataset import CACHE_DIR_NAME, IMAGE_EXTS
 from ..errors import UserError
+from ..eval.layout import run_centres
 from ..io import atomic_write_text, open_image
-from .analysis import HUE_NAMES, Analysis, Region, analyse, clusters, grid_position
+from .analysis import HUE_NAMES, Analysis, Region, analyse, grid_position
 from .ocr import TextBox, read_text
 from .schema import CaptionSchema, Element, render
 
@@ -109,13 +110,14 @@ def vlm_description(image: Image.Image, model_id: str) -> str:
         raise UserError(f"--vlm {model_id}: cannot run it ({type(exc).__name__}: {exc})") from None
 
 
-def read_lines(image: Image.Image) -> list[TextBox]:
-    """The OCR lines of an image (small images enlarged first), boxes in the image's own pixels. A doubtful
-    reading (under 0.85) of a box over a quarter of the image, or of one or two characters, is a pattern
-    taken for glyphs (a grid of blocks read as "品"), not text."""
+def read_lines(image: Image.Image, read: list[TextBox] | None = None) -> list[TextBox]:
+    """The OCR lines of an image (small images enlarged first), boxes in the image's own pixels; ``read``:
+    ``read_text`` of the image as it is, when the caller has it already. A doubtful reading (under 0.85) of
+    a box over a quarter of the image, or of one or two characters, is a pattern taken for glyphs (a grid
+    of blocks read as "品"), not text."""
     factor = max(1.0, OCR_MIN_SIDE / min(image.size))
     if factor == 1:
-        boxes = read_text(image)
+        boxes = read_text(image) if read is None else read
     else:
         big = image.resize((round(image.width * factor), round(image.height * factor)), Image.Resampling.LANCZOS)
         boxes = [TextBox(b.text, b.confidence, tuple(v / factor for v in b.box)) for b in read_text(big)]
@@ -138,8 +140,8 @@ def block_grids(analysis: Analysis, regions: list[Region] | None = None
         alike = [b for b in blocks if b.share >= 0.5 * biggest]
         if len(alike) < 2:
             continue
-        rows = len(clusters([(b.box[1] + b.box[3]) / 2 for b in alike], analysis.height * 0.08))
-        cols = len(clusters([(b.box[0] + b.box[2]) / 2 for b in alike], analysis.width * 0.08))
+        rows = len(run_centres([(b.box[1] + b.box[3]) / 2 for b in alike], analysis.height * 0.08))
+        cols = len(run_centres([(b.box[0] + b.box[2]) / 2 for b in alike], analysis.width * 0.08))
         found.append((alike, (rows, cols) if rows * cols == len(alike) else None))
     return found
 

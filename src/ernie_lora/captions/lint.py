@@ -77,13 +77,14 @@ def _opposite(said: str, seen: str) -> bool:
                for a, b in pairs)
 
 
-def lint_against_image(text: str, image) -> list[tuple[str, str]]:
-    """(check, detail) pairs where a caption omits or contradicts what its image shows."""
+def lint_against_image(text: str, image, read: list | None = None) -> list[tuple[str, str]]:
+    """(check, detail) pairs where a caption omits or contradicts what its image shows; ``read``: the
+    image's ``read_text`` boxes when the caller has them (OCR runs once per image)."""
     from .analysis import HUE_NAMES, analyse, grid_position
     from .auto import read_lines
     from .schema import parse
 
-    lines = [b for b in read_lines(image) if b.confidence > 0.8 and len(b.text.strip()) >= 2]
+    lines = [b for b in read_lines(image, read) if b.confidence > 0.8 and len(b.text.strip()) >= 2]
     analysis = analyse(image, lines)
     said = parse(text)
     quoted = [_normal(next(g for g in groups if g)) for groups in re.findall(r'"([^"]+)"|“([^”]+)”|「([^」]+)」', text)]
@@ -153,14 +154,15 @@ def lint_folder(folder: str | Path, model: str | None = None, ocr: bool = True,
             findings.append(LintFinding(txt, "not UTF-8", f"{exc.reason} at byte {exc.start}"))
             continue
         image = next((txt.with_suffix(ext) for ext in IMAGE_EXTS if txt.with_suffix(ext).exists()), None)
-        has_text = None
+        has_text, read = None, None
         if reader is not None and image is not None:
-            has_text = any(box.confidence > 0.8 and len(box.text) >= 2 for box in reader(open_image(image)))
+            read = reader(open_image(image))
+            has_text = any(box.confidence > 0.8 and len(box.text) >= 2 for box in read)
         for check, detail in lint_caption(text, has_text, max_tokens if count_tokens else None, count_tokens):
             findings.append(LintFinding(txt, check, detail))
         if images and image is not None:
             findings += [LintFinding(txt, check, detail)
-                         for check, detail in lint_against_image(text, open_image(image).convert("RGB"))]
+                         for check, detail in lint_against_image(text, open_image(image).convert("RGB"), read)]
     return findings, len(captions)
 
 

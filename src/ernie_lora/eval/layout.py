@@ -215,9 +215,10 @@ def _dark(c: Classes, below: float = 190) -> np.ndarray:
     return (c.luminance < below) & (c.grey | ((c.rgb.max(axis=2) < 110) & (c.chroma < 60)))
 
 
-def _line_groups(positions: list[int] | np.ndarray, gap: int = 5) -> list[float]:
-    """Centres of runs of positions no more than ``gap`` apart (a gutter's two borders are one line)."""
-    groups: list[list[int]] = []
+def run_centres(positions: list[float] | np.ndarray, gap: float = 5) -> list[float]:
+    """Centres of runs of positions no more than ``gap`` apart (a gutter's two borders are one line; block or
+    panel centres in one row are one row)."""
+    groups: list[list[float]] = []
     for p in sorted(positions):
         if groups and p - groups[-1][-1] <= gap:
             groups[-1].append(p)
@@ -232,7 +233,7 @@ def _line_positions(dark: np.ndarray, axis: int, skip: list[float]) -> list[floa
     for line in skip:  # the other direction's bands: blurred gutters would fill every profile
         keep[max(0, round(line) - 4):round(line) + 5] = False
     profile = dark[keep, :].mean(axis=0) if axis == 0 else dark[:, keep].mean(axis=1)
-    return _line_groups(np.nonzero(profile > 0.6)[0])
+    return run_centres(np.nonzero(profile > 0.6)[0])
 
 
 def border_lines(dark: np.ndarray) -> tuple[list[float], list[float]]:
@@ -245,7 +246,7 @@ def border_lines(dark: np.ndarray) -> tuple[list[float], list[float]]:
 
 def _expected_lines(boxes: list, axis: int) -> list[float]:
     lo, hi = (0, 2) if axis == 0 else (1, 3)  # a border is 2 px: both of its pixels, on both sides of a box
-    return _line_groups([v for box in boxes for v in (box[lo], box[lo] + 1, box[hi] - 1, box[hi])])
+    return run_centres([v for box in boxes for v in (box[lo], box[lo] + 1, box[hi] - 1, box[hi])])
 
 
 def lines_match(found: list[float], expected: list[float]) -> float:
