@@ -462,6 +462,11 @@ CASES: list[Case] = [
          ["already holds images"]),
     Case("dataset check missing", lambda t: ["dataset", "check", str(t / "nope")], ["nope"]),
     Case("caption lint missing folder", lambda t: ["caption", "lint", str(t / "nope")], ["nope"]),
+    Case("caption lint --images corrupt PNG", cmd_on({"a.png": truncated_png, "a.txt": 'a poster, title "SALE"'},
+                                                     "caption", "lint", "{in}", "--images", "--no-ocr"), ["a.png"]),
+    Case("caption auto unknown kind", cmd_on(GOOD_IMAGES, "caption", "auto", "{in}", "--kind", "magazine"),
+         ["--kind 'magazine'", "auto"]),
+    Case("caption auto corrupt PNG", cmd_on({"a.png": truncated_png}, "caption", "auto", "{in}"), ["a.png"]),
     # -- annotation and the aesthetic scorer ------------------------------------------------------------
     Case("rank serve port out of range", cmd_on(GOOD_IMAGES, "rank", "serve", "{in}", "--port", "80000"), ["--port"]),
     Case("rank serve port not a number", cmd_on(GOOD_IMAGES, "rank", "serve", "{in}", "--port", "http"), ["--port"]),
