@@ -180,4 +180,4 @@ def test_bad_image_size_for_dataset_check_is_only_a_warning(tmp_path, capsys):
     Image.new("RGB", (8, 8)).save(d / "a.png")
     (d / "a.txt").write_text("tiny")
     code, out, _ = run_cli(["dataset", "check", str(d)], capsys)
-    assert code == 0 and "warning: a.png: 8x8 is smaller than the smallest bucket" in out
+    assert code == 0 and "warning: a.png: 8x8 is smaller than its bucket 1024x1024; it will be upscaled 128.00x" in out

@@ -224,3 +224,124 @@ def test_a_warm_check_opens_no_image_and_a_changed_one_is_checked_again(tmp_path
     opened.clear()
     check_dataset(tmp_path, min_side=48)
     assert len(opened) == 5
+
+
+def _poster(folder: Path, stem: str, band_colour: str = "red", title: str = "Jazz Night", size: int = 256,
+            caption: str | None = None) -> Image.Image:
+    from ernie_lora.data.designed import DesignedPoster, draw_poster
+
+    image = draw_poster(DesignedPoster("white", "left", band_colour, "blue", title, "every Friday", size=size))
+    image.save(folder / f"{stem}.png")
+    (folder / f"{stem}.txt").write_text(caption or f'a poster with title "{title}", {band_colour} band at the left',
+                                        encoding="utf-8")
+    return image
+
+
+def test_near_duplicates_are_found_and_colour_variants_and_new_words_are_not(tmp_path, monkeypatch):
+    import io
+
+    from ernie_lora.data import dataset as dataset_module
+
+    original = _poster(tmp_path, "original")
+    small = original.resize((192, 192), Image.Resampling.LANCZOS)  # a resized, re-encoded copy
+    buffer = io.BytesIO()
+    small.save(buffer, "JPEG", quality=80)
+    (tmp_path / "copy.jpg").write_bytes(buffer.getvalue())
+    (tmp_path / "copy.txt").write_text("the same poster, smaller", encoding="utf-8")
+    (tmp_path / "z_exact.png").write_bytes((tmp_path / "original.png").read_bytes())
+    (tmp_path / "z_exact.txt").write_text("the same file", encoding="utf-8")
+    _poster(tmp_path, "recoloured", band_colour="green")  # the same design in another colour: a lesson of its own
+    _poster(tmp_path, "retitled", title="Book Fair")  # the same template with other words
+    _poster(tmp_path, "other", band_colour="purple", title="Summer Market Sale")
+
+    report = check_dataset(tmp_path, min_side=0)
+    near = [str(f) for f in report.findings if "near duplicate" in f.message]
+    assert len(near) == 1 and near[0].startswith("warning: original.png: near duplicate of copy.jpg"), near
+    assert [str(f) for f in report.findings if "duplicate image" in f.message] == [
+        "warning: z_exact.png: duplicate image (same content as original.png)"]  # reported once, as exact
+    # the signatures are remembered: a warm check finds the same pairs without opening an image
+    monkeypatch.setattr(dataset_module.Image, "open", lambda *a, **k: pytest.fail(f"opened {a[0]}"))
+    assert [str(f) for f in check_dataset(tmp_path, min_side=0).findings] == [str(f) for f in report.findings]
+    assert not any("near duplicate" in f.message for f in check_dataset(tmp_path, min_side=0, near=None).findings)
+
+
+def test_near_duplicate_search_finds_every_pair_within_the_distance_among_thousands():
+    from ernie_lora.data.duplicates import HASH_BITS, near_duplicates
+
+    rng = np.random.default_rng(0)
+    colour = bytes(range(12)).hex()
+    shapes = {f"{i:05d}": rng.integers(0, 2, HASH_BITS).astype(bool) for i in range(3000)}
+    planted = {}
+    for i, flips in enumerate([0, 1, 8, 16, 17, 40]):  # at 16 bits still found; 17 and more not
+        bits = shapes[f"{i:05d}"].copy()
+        bits[rng.choice(HASH_BITS, flips, replace=False)] ^= True
+        shapes[f"copy{i}"] = bits
+        planted[(f"{i:05d}", f"copy{i}")] = flips
+    signatures = {name: f"{np.packbits(bits).tobytes().hex()}:{colour}" for name, bits in shapes.items()}
+    found = near_duplicates(signatures, max_distance=16)
+    assert found == sorted((a, b, d) for (a, b), d in planted.items() if d <= 16)
+    far_colour = dict(signatures, copy1=signatures["copy1"].split(":")[0] + ":" + bytes([200] * 12).hex())
+    assert ("00001", "copy1", 1) not in near_duplicates(far_colour, max_distance=16)
+
+
+def test_dataset_check_flags_images_smaller_than_their_bucket_and_captions_over_the_token_limit(tmp_path, capsys):
+    _good(tmp_path, "square", size=(200, 200))  # below its 256x256 bucket though above the smallest bucket side
+    _good(tmp_path, "wide", size=(512, 256), colour=(200, 10, 10))
+    (tmp_path / "wide.txt").write_text("a poster with title " + '"JAZZ" ' * 130, encoding="utf-8")
+    code, out, _ = run_cli(["dataset", "check", str(tmp_path), "--resolution", "256", "--model", "micro"], capsys)
+    assert code == 0, out
+    assert "warning: square.png: 200x200 is smaller than its bucket 256x256; it will be upscaled 1.28x" in out
+    assert "wide.png: 512x256" not in out
+    assert "warning: wide.png: caption is 395 tokens; the text encoder reads the first 128, the rest is cut off" in out
+    code, out, _ = run_cli(["dataset", "check", str(tmp_path), "--resolution", "256"], capsys)
+    assert "captions: lengths not checked against the text encoder's limit; pass --model or --config" in out
+
+
+def test_language_of_a_caption():
+    from ernie_lora.data.stats import language_of
+
+    assert language_of("a poster with the title at the top, blue theme") == "en"
+    assert language_of("ein Plakat mit dem Titel oben und einer blauen Leiste") == "de"
+    assert language_of("une affiche avec le titre en haut et une bande bleue") == "fr"
+    assert language_of("海报，标题在顶部，蓝色主题") == "zh"
+    assert language_of("ポスター、タイトルは上、青いテーマ") == "ja"
+    assert language_of("포스터, 위에 제목") == "ko"
+    assert language_of("SALE") == "latin"
+    assert language_of("2026 !") is None
+
+
+def test_dataset_stats_buckets_contact_sheet_tokens_words_and_languages(tmp_path, capsys):
+    data, out_dir = tmp_path / "data", tmp_path / "out"
+    data.mkdir()
+    out_dir.mkdir()
+    colours = {"tall": (200, 20, 20), "tall2": (20, 200, 20), "wide": (20, 20, 200), "square": (240, 200, 0)}
+    sizes = {"tall": (64, 128), "tall2": (32, 64), "wide": (128, 64), "square": (64, 64)}
+    for stem, colour in colours.items():
+        _img(data / f"{stem}.png", size=sizes[stem], colour=colour)
+    captions = {"tall": 'a poster with title "夏季促销", red band at the top',
+                "tall2": "a poster with a green band, zebra",
+                "wide": 'an infographic with title "DATA", blue theme', "square": "ein Plakat mit dem Titel oben"}
+    for stem, text in captions.items():
+        (data / f"{stem}.txt").write_text(text, encoding="utf-8")
+    sheet = out_dir / "sheet.png"
+    code, out, err = run_cli(["dataset", "stats", str(data), "--resolution", "64", "--model", "micro", "--sheet",
+                              str(sheet), "--chart", str(out_dir / "chart.png")], capsys)
+    assert code == 0, err
+    lines = {line.split("  ")[0].strip(): line for line in out.splitlines()}
+    assert "48x88 2, 64x64 1, 88x48 1" in lines["buckets at 64"]  # micro's 4-pixel grid, ratios up to 2
+    assert "1 image(s) smaller than their bucket (e.g. tall2.png 32x64)" in lines["upscaled"]
+    assert "tokens (micro); limit 128, 0 over it" in lines["caption length"]
+    assert "zebra (1)" in lines["unknown words"] and "ein (1)" in lines["unknown words"]
+    assert "band 2" in lines["top words"] and "poster 2" in lines["top words"]
+    assert "en 3 (75%), de 1 (25%)" in lines["languages"]
+    assert "2 of 4 captions; zh 1 (50%), latin 1 (50%)" in lines["quoted text"]
+    # the contact sheet: one row per bucket (ratio order), each image as training crops it
+    image = np.asarray(Image.open(sheet).convert("RGB")).astype(int)
+    row_h = 96 + 14 + 4
+    assert image.shape[0] == 3 * row_h + 4
+    for row, colour in enumerate([colours["tall"], colours["square"], colours["wide"]]):
+        pixel = image[4 + row * row_h + 48, 150 + 20]
+        assert np.abs(pixel - colour).max() <= 2, (row, pixel)
+    pixel = image[4 + 48, 150 + 52 + 4 + 20]  # the second tall image (52 px wide thumbnails), beside the first
+    assert np.abs(pixel - colours["tall2"]).max() <= 2
+    assert (out_dir / "chart.png").is_file() and not list(data.glob("*sheet*"))

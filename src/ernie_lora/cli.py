@@ -183,20 +183,79 @@ def plan(
     typer.echo(format_plan(result, vram, fit), nl=False)
 
 
+def _training_view(config: Path | None, resolution: int | None, model: str | None):
+    """(resolution, buckets, model or None) a dataset is looked at with: --config's data and model keys, or the
+    options (resolution 1024 and ERNIE-Image's 16-pixel grid by default)."""
+    from .data.buckets import make_buckets
+    from .models.names import PIXELS_PER_TOKEN
+
+    multiple, max_ratio, revision = None, 2.0, None
+    if config is not None:
+        from .config import load_train_config
+
+        cfg = load_train_config(config, [])
+        resolution = resolution or cfg.data.resolution
+        model = model or cfg.model.name
+        multiple, max_ratio, revision = cfg.data.bucket_multiple, cfg.data.max_aspect_ratio, cfg.model.revision
+    resolution = resolution or 1024
+    if multiple is None and model is not None:
+        from .models import family_for  # deferred: the model's configs need torch and diffusers
+
+        multiple = family_for(model).pixel_multiple(model, revision)
+    multiple = multiple or PIXELS_PER_TOKEN
+    if resolution % multiple:
+        raise UserError(f"--resolution {resolution}: must be a multiple of {multiple} (the model's pixels per token)")
+    return resolution, make_buckets(resolution, multiple, max_ratio), model
+
+
+def _token_counter(model: str | None, without: str):
+    """The model's tokenizer as a counter, or None with a line saying so (``without``: what is not done)."""
+    if model is None:
+        typer.echo(f"captions: {without}; pass --model or --config to count the text encoder's tokens")
+        return None
+    from .data.stats import token_counter
+
+    _quiet_libraries()
+    try:
+        return token_counter(model)
+    except UserError as exc:
+        typer.echo(f"captions: {without}: {model}'s tokenizer is not here ({one_line(str(exc))})")
+        return None
+
+
+def _outside(folder: Path, path: Path, option: str) -> Path:
+    if path.resolve().is_relative_to(folder.resolve()):
+        raise UserError(f"{option} {path}: inside the dataset folder, where it would become a training image")
+    return path
+
+
+_CONFIG_HELP = "a training YAML: its data.resolution, max_aspect_ratio, bucket_multiple and model"
+_RESOLUTION_HELP = "training resolution (default: --config's, else 1024)"
+_MODEL_HELP = "count caption tokens with this model's tokenizer (default: --config's model)"
+
+
 @dataset_app.command("check")
 def dataset_check(
     folder: Path = typer.Argument(..., help="images with .txt captions and/or metadata.jsonl"),
-    resolution: int = typer.Option(256, help="flag images whose shorter side is below this"),
+    config: Path | None = typer.Option(None, "--config", "-c", help=_CONFIG_HELP),
+    resolution: int | None = typer.Option(None, "--resolution", min=1, help=_RESOLUTION_HELP),
+    model: str | None = typer.Option(None, "--model", "-m", help=_MODEL_HELP),
+    near: int = typer.Option(16, "--near", min=0, max=63, help="near duplicates: perceptual-hash bits (of 256) "
+                                                             "apart at most"),
 ) -> None:
-    """Report every problem per file; exit 1 when training would fail."""
+    """Report every problem per file (unreadable, uncaptioned, exact and near duplicates, images smaller than
+    their bucket, captions over the text encoder's limit); exit 1 when training would fail."""
     from .data.dataset import check_dataset
 
-    report = check_dataset(folder, min_side=resolution)
+    resolution, buckets, model = _training_view(config, resolution, model)
+    tokens = _token_counter(model, "lengths not checked against the text encoder's limit")
+    report = check_dataset(folder, min_side=0, near=near, buckets=buckets, count_tokens=tokens and tokens.count,
+                           max_tokens=tokens and tokens.limit)
     for finding in report.findings:
         typer.echo(str(finding))
     typer.echo(
         f"{report.images_seen} images, {len(report.items)} usable, "
-        f"{len(report.errors)} errors, {len(report.warnings)} warnings"
+        f"{len(report.errors)} errors, {len(report.warnings)} warnings (at resolution {resolution})"
     )
     if report.errors or not report.items:
         if not report.items and not report.errors:
@@ -224,20 +283,41 @@ def dataset_synth(
 @dataset_app.command("stats")
 def dataset_stats(
     folder: Path = typer.Argument(..., help="dataset folder (categories from metadata.jsonl or sub-folders)"),
+    config: Path | None = typer.Option(None, "--config", "-c", help=_CONFIG_HELP),
+    resolution: int | None = typer.Option(None, "--resolution", min=1, help=_RESOLUTION_HELP),
+    model: str | None = typer.Option(None, "--model", "-m", help=_MODEL_HELP),
+    sheet: Path = typer.Option(Path("bucket_sheet.png"), "--sheet", help="contact sheet PNG: each bucket's "
+                               "images as training crops them (kept out of FOLDER)"),
     aesthetic: Path | None = typer.Option(None, "--aesthetic", help="aesthetic.jsonl from `rank scores`"),
     temperature: float = typer.Option(1.0, "--temperature", help="weights ** (1 / T); > 1 flattens"),
     depth: int | None = typer.Option(None, "--depth", min=1, help="cut category paths to this many levels"),
     chart: Path = typer.Option(Path("category_stats.png"), "--chart", help="bar chart PNG (kept out of FOLDER)"),
 ) -> None:
-    """Images, mean aesthetic and hierarchical-sampling share per category; writes a bar chart."""
+    """Sizes, aspect ratios, buckets (with a contact sheet), caption lengths in tokens, top words, languages;
+    then images, mean aesthetic and hierarchical-sampling share per category (with a bar chart)."""
     from .data.categories import list_images
+    from .data.dataset import check_dataset
     from .data.sampling import aesthetic_levels, category_stats, format_stats
+    from .data.stats import dataset_stats as compute_stats
+    from .data.stats import format_dataset_stats, save_contact_sheet
     from .plots import save_stats_chart
 
+    _outside(folder, sheet, "--sheet")
+    _outside(folder, chart, "--chart")
+    resolution, buckets, model = _training_view(config, resolution, model)
+    tokens = _token_counter(model, "lengths in words")
+    report = check_dataset(folder, min_side=0, near=None)
+    if not report.items:
+        report.raise_if_errors()  # the first problem, named
+    if report.errors:
+        typer.echo(f"{len(report.errors)} problem(s) left out of these figures (`ernie-lora dataset check` lists them)")
+    stats = compute_stats(report.items, resolution, buckets, tokens)
     levels = aesthetic_levels(aesthetic) if aesthetic else None
-    stats = category_stats(list_images(folder), levels, temperature, depth)
-    typer.echo(format_stats(stats), nl=False)
-    typer.echo(f"chart: {save_stats_chart(stats, chart)}")
+    categories = category_stats(list_images(folder), levels, temperature, depth)  # every input read before writing
+    typer.echo(format_dataset_stats(stats), nl=False)
+    typer.echo(f"contact sheet: {save_contact_sheet(stats, sheet)}")
+    typer.echo(format_stats(categories), nl=False)
+    typer.echo(f"chart: {save_stats_chart(categories, chart)}")
 
 
 def _scored_folder(folder: Path, score_folder) -> list:

@@ -123,9 +123,15 @@ def lint_against_image(text: str, image, read: list | None = None) -> list[tuple
 
 def load_tokenizer(model: str):
     """The model's own tokenizer (what the pipeline counts with), loaded alone."""
+    from diffusers.utils import logging as diffusers_logging
+
     from ..models import family_for  # deferred: torch and diffusers load only when --model counts tokens
 
-    return family_for(model).load_pipeline(model, dtype="fp32", components=("tokenizer",)).tokenizer
+    diffusers_logging.disable_progress_bar()  # a bar for one tokenizer file is noise
+    try:
+        return family_for(model).load_pipeline(model, dtype="fp32", components=("tokenizer",)).tokenizer
+    finally:
+        diffusers_logging.enable_progress_bar()
 
 
 def lint_folder(folder: str | Path, model: str | None = None, ocr: bool = True,

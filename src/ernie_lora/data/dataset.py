@@ -4,7 +4,8 @@
 ``check_dataset`` reads every file once and reports every problem per file; training refuses a
 dataset whose report has errors. What it learnt of each image that passed (size, mode, content hash) is
 kept in ``.ernie_lora_cache/checked.json`` keyed by (path, byte size, mtime), so checking an unchanged
-dataset again opens no image: at 100k images that is minutes of decoding saved on every run.
+dataset again opens no image: at 100k images that is minutes of decoding saved on every run. That includes
+each image's perceptual signature, so near duplicates (see ``duplicates.py``) are found without decoding.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,12 +22,15 @@ from PIL import Image, ImageOps
 
 from ..errors import UserError
 from ..io import atomic_write_json, sha256_text
+from .buckets import Bucket, nearest_bucket
+from .duplicates import NEAR_DISTANCE, image_signature, near_duplicates
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 METADATA_FILE = "metadata.jsonl"
 CACHE_DIR_NAME = ".ernie_lora_cache"
 CHECKED_FILE = "checked.json"
-CHECKED_VERSION = 1
+CHECKED_VERSION = 2  # entries: [bytes, mtime_ns, width, height, mode, sha256, signature]
+CHECKED_FIELDS = 7
 UNUSUAL_MODES = {
     "CMYK": "CMYK, converted to RGB",
     "P": "palette, converted to RGB",
@@ -143,6 +148,11 @@ def load_rgb(path: Path) -> Image.Image:
     with Image.open(path) as im:
         im = ImageOps.exif_transpose(im)
         im.load()
+    return as_rgb(im)
+
+
+def as_rgb(im: Image.Image) -> Image.Image:
+    """``load_rgb``'s conversion of an opened image."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(im, dtype=np.float64)
         peak = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
@@ -155,11 +165,17 @@ def load_rgb(path: Path) -> Image.Image:
     return im.convert("RGB")
 
 
-def check_dataset(root: str | Path, min_side: int = 256) -> DatasetReport:
+def check_dataset(root: str | Path, min_side: int = 256, near: int | None = NEAR_DISTANCE,
+                  count_tokens: Callable[[str], int] | None = None, max_tokens: int | None = None,
+                  buckets: list[Bucket] | None = None) -> DatasetReport:
     """Read every file of a dataset folder and report every problem.
 
     ``min_side``: images whose shorter side is below it are flagged (they will be upscaled to fill
-    the smallest bucket).
+    the smallest bucket); with ``buckets`` (a training resolution's), each image is compared with the
+    bucket it lands in instead, so a 200x200 image is flagged at 256 even though the smallest side of any
+    bucket is 181. ``near``: the largest perceptual-hash distance (bits of 256) of two images
+    flagged as near duplicates; None: exact duplicates only. ``count_tokens`` and ``max_tokens``: captions
+    over the text encoder's limit are flagged (the encoder reads only the first ``max_tokens``).
     """
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -191,30 +207,40 @@ def check_dataset(root: str | Path, min_side: int = 256) -> DatasetReport:
             entry = None if entry is None else [stat.st_size, stat.st_mtime_ns, *entry]
         if entry is not None:
             checked[rel] = entry
-            _image_findings(rel, *entry[2:5], min_side, report)
+            _image_findings(rel, *entry[2:5], min_side, buckets, report)
         caption = _caption_for(path, rel, meta_captions, report)
         if entry is None or caption is None:
             continue
         width, height, digest = entry[2], entry[3], entry[5]
         by_hash[digest].append(rel)
         report.items.append(Item(image=path, caption=caption, width=width, height=height, sha256=digest))
+        if count_tokens is not None and max_tokens is not None and (length := count_tokens(caption)) > max_tokens:
+            report.findings.append(Finding(rel, "warning", f"caption is {length} tokens; the text encoder reads "
+                                           f"the first {max_tokens}, the rest is cut off"))
     for names in by_hash.values():
         for dup in names[1:]:
             report.findings.append(Finding(dup, "warning", f"duplicate image (same content as {names[0]})"))
+    if near is not None:
+        firsts = {names[0] for names in by_hash.values()}  # exact copies are reported above, once
+        for first, second, distance in near_duplicates({rel: checked[rel][6] for rel in firsts}, near):
+            report.findings.append(Finding(second, "warning", f"near duplicate of {first} (perceptual hash "
+                                           f"{distance} of 256 bits apart, same colours)"))
     if checked != known:
         _write_checked(root, checked)
     return report
 
 
 def _read_checked(root: Path) -> dict[str, list]:
-    """What an earlier check learnt of each image: {path: [bytes, mtime_ns, width, height, mode, sha256]}."""
+    """What an earlier check learnt of each image: {path: [bytes, mtime_ns, width, height, mode, sha256,
+    signature]}."""
     try:
         data = json.loads((root / CACHE_DIR_NAME / CHECKED_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}  # none yet, or unreadable: check everything again
     if not isinstance(data, dict) or data.get("version") != CHECKED_VERSION or not isinstance(data.get("images"), dict):
         return {}
-    return {rel: entry for rel, entry in data["images"].items() if isinstance(entry, list) and len(entry) == 6}
+    return {rel: entry for rel, entry in data["images"].items()
+            if isinstance(entry, list) and len(entry) == CHECKED_FIELDS}
 
 
 def _write_checked(root: Path, checked: dict[str, list]) -> None:
@@ -224,10 +250,17 @@ def _write_checked(root: Path, checked: dict[str, list]) -> None:
         pass  # a read-only dataset is checked in full every time, nothing worse
 
 
-def _image_findings(rel: str, width: int, height: int, mode: str, min_side: int, report: DatasetReport) -> None:
+def _image_findings(rel: str, width: int, height: int, mode: str, min_side: int, buckets: list[Bucket] | None,
+                    report: DatasetReport) -> None:
     if mode in UNUSUAL_MODES:
         report.findings.append(Finding(rel, "warning", f"mode {mode}: {UNUSUAL_MODES[mode]}"))
-    if min(width, height) < min_side:
+    if buckets is not None:
+        bucket = nearest_bucket(width, height, buckets)
+        scale = max(bucket.width / width, bucket.height / height)
+        if scale > 1.0:
+            report.findings.append(Finding(rel, "warning", f"{width}x{height} is smaller than its bucket {bucket}; "
+                                           f"it will be upscaled {scale:.2f}x"))
+    elif min(width, height) < min_side:
         report.findings.append(
             Finding(rel, "warning", f"{width}x{height} is smaller than the smallest bucket ({min_side}px side); "
                     "it will be upscaled")
@@ -235,7 +268,8 @@ def _image_findings(rel: str, width: int, height: int, mode: str, min_side: int,
 
 
 def _check_image(path: Path, rel: str, report: DatasetReport) -> list | None:
-    """[width, height, mode, sha256] of a readable image (decoded in full); None and an error otherwise."""
+    """[width, height, mode, sha256, signature] of a readable image (decoded in full); None and an error
+    otherwise."""
     data = path.read_bytes()
     if not data:
         report.findings.append(Finding(rel, "error", "zero-byte file"))
@@ -246,12 +280,13 @@ def _check_image(path: Path, rel: str, report: DatasetReport) -> list | None:
             im.load()  # decodes everything: catches truncated files that Image.open alone accepts
             im = ImageOps.exif_transpose(im)
             width, height = im.size
+            signature = image_signature(as_rgb(im))
     except Exception as exc:  # PIL raises many types for corrupt data
         msg = str(exc) or type(exc).__name__
         kind = "truncated image" if "truncated" in msg.lower() else "unreadable image"
         report.findings.append(Finding(rel, "error", f"{kind} ({msg})"))
         return None
-    return [width, height, mode, hashlib.sha256(data).hexdigest()]
+    return [width, height, mode, hashlib.sha256(data).hexdigest(), signature]
 
 
 def _caption_for(path: Path, rel: str, meta_captions: dict[str, str], report: DatasetReport) -> str | None:

@@ -28,6 +28,11 @@ def quoted_text(prompt: str) -> list[str]:
     return [next(g for g in m.groups() if g) for m in _QUOTES.finditer(prompt)]
 
 
+def without_quotes(prompt: str) -> str:
+    """The prompt's own words: every quoted span replaced by a space."""
+    return _QUOTES.sub(" ", prompt)
+
+
 def tokens(text: str) -> list[str]:
     """Lowercase words for English (letters and digits), single characters for Chinese."""
     text = unicodedata.normalize("NFKC", text).lower()

@@ -99,6 +99,20 @@ class ErnieImageFamily:
         # the pipeline's vae_scale_factor (2 ** blocks) already counts the 2x2 patchify
         return 2 ** blocks * int(self.transformer_config(name, revision).get("patch_size", 1))
 
+    def text_token_limit(self, tokenizer, name: str, revision: str | None = None) -> int | None:
+        """Tokens of a prompt the text encoder reads: the pipeline tokenises with ``truncation=True``, so the
+        tokenizer's declared ``model_max_length`` cuts; when it declares none (transformers' huge sentinel),
+        the text encoder's ``max_position_embeddings``; None when neither is known."""
+        declared = int(min(tokenizer.model_max_length, 1 << 62))
+        if declared <= 100_000:
+            return declared
+        try:
+            cfg = self.component_config(name, "text_encoder", revision)
+        except UserError:
+            return None
+        positions = cfg.get("text_config", cfg).get("max_position_embeddings")
+        return int(positions) if positions else None
+
     def scheduler_shift(self, name: str, setting: str | float = "official", revision: str | None = None) -> float:
         """A ``timesteps.shift`` setting as a number: "official" is the model scheduler's own, "none" is 1."""
         if setting == "official":

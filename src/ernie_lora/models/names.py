@@ -13,6 +13,9 @@ BLOCK_NORMS = ("adaLN_sa_ln", "adaLN_mlp_ln", "self_attention.norm_q", "self_att
 TOP_LINEARS = ("text_proj", "time_embedding.linear_1", "time_embedding.linear_2", "adaLN_modulation.1",
                "final_norm.linear", "final_linear")
 TOP_CONVS = ("x_embedder.proj",)
+# ERNIE-Image's pixels per token side (VAE x8, the pipeline's 2x2 patchify, patch 1): what a bucket's sides
+# are multiples of when no model's configs are at hand (``family.pixel_multiple`` reads a model's own)
+PIXELS_PER_TOKEN = 16
 
 
 def _flat(name: str) -> str:

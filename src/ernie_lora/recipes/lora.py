@@ -315,7 +315,7 @@ def prepare_data(cfg: TrainRunConfig, run: engine.Run, family: ErnieImageFamily,
     buckets = {res: make_buckets(res, step_px, cfg.data.max_aspect_ratio) for res in {s.resolution for s in stages}}
     largest = cfg.data.resolution
     min_side = min(min(b.width, b.height) for b in buckets[largest])
-    report = check_dataset(cfg.data.path, min_side=min_side)
+    report = check_dataset(cfg.data.path, min_side=min_side, near=None)  # warnings are for `dataset check`
     report.raise_if_errors()
     items, held_out = split_validation(cfg, report, min_side)
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(cfg.data.path) / CACHE_DIR_NAME

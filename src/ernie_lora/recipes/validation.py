@@ -55,7 +55,7 @@ def split_validation(cfg: TrainRunConfig, report: DatasetReport, min_side: int) 
     folder = Path(held)
     if not folder.is_dir():
         raise UserError(f"data.validation: {folder} is not a folder (give a folder or a share such as 0.1)")
-    val = check_dataset(folder, min_side=min_side)
+    val = check_dataset(folder, min_side=min_side, near=None)
     val.raise_if_errors()
     if not val.items:
         raise UserError(f"data.validation: {folder} holds no captioned images")
