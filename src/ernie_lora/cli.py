@@ -413,16 +413,18 @@ def caption_auto(
     kind: str = typer.Option("auto", help="poster, infographic, comic, ui, other, or auto (guessed per image)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace existing .txt captions"),
     dry_run: bool = typer.Option(False, "--dry-run", help="show the diff, write nothing"),
-    vlm: str | None = typer.Option(None, "--vlm", help="a transformers image-to-text model id to add a description"),
+    model: str | None = typer.Option(None, "--model", "-m", help="a vision-language model (hub id or folder, e.g. "
+                                     "HuggingFaceTB/SmolVLM-256M-Instruct) whose description is merged in"),
 ) -> None:
     """Write structured captions from the images' text (offline OCR) and layout (bands, bars, blocks, panels,
-    colours): roles, positions, reading order, background and theme."""
+    colours): roles, positions, reading order, background and theme; with --model, also what a captioning
+    model sees (the OCR's quoted text wins)."""
     from .captions.auto import auto_caption_folder, caption_diff
     from .captions.schema import KINDS
 
     if kind not in (*KINDS, "auto"):
         raise UserError(f"--kind {kind!r}: choose from {', '.join(KINDS)} or auto")
-    results = auto_caption_folder(folder, kind=kind, overwrite=overwrite, dry_run=dry_run, vlm=vlm)
+    results = auto_caption_folder(folder, kind=kind, overwrite=overwrite, dry_run=dry_run, model=model)
     for result in results:
         if not result.found_text:
             typer.echo(f"{result.image.name}: no text or layout found; no caption written")

@@ -475,6 +475,8 @@ CASES: list[Case] = [
     Case("caption auto unknown kind", cmd_on(GOOD_IMAGES, "caption", "auto", "{in}", "--kind", "magazine"),
          ["--kind 'magazine'", "auto"]),
     Case("caption auto corrupt PNG", cmd_on({"a.png": truncated_png}, "caption", "auto", "{in}"), ["a.png"]),
+    Case("caption auto captioning model not there", cmd_on(GOOD_IMAGES, "caption", "auto", "{in}", "--model",
+                                                            "{tmp}/no-model"), ["--model", "no-model"]),
     # -- annotation and the aesthetic scorer ------------------------------------------------------------
     Case("rank serve port out of range", cmd_on(GOOD_IMAGES, "rank", "serve", "{in}", "--port", "80000"), ["--port"]),
     Case("rank serve port not a number", cmd_on(GOOD_IMAGES, "rank", "serve", "{in}", "--port", "http"), ["--port"]),

@@ -9,6 +9,9 @@ Layout (``captions.analysis``): bands, accent bars, blocks and block grids with 
 areas, panels and speech bubbles, the background and the theme (the colour of the largest coloured
 region). The kind (poster, infographic, comic, UI) is guessed from those unless given.
 
+A captioning model (``captions.vlm``, ``caption auto --model``) adds what the picture shows and fills what
+the analysis left open; quoted text stays the OCR's.
+
 Existing captions are never replaced unless asked to; ``--dry-run`` shows a diff.
 """
 
@@ -27,6 +30,7 @@ from ..io import atomic_write_text, open_image
 from .analysis import HUE_NAMES, Analysis, Region, analyse, grid_position
 from .ocr import TextBox, read_text
 from .schema import CaptionSchema, Element, render
+from .vlm import CaptionModel, merge_description
 
 OCR_MIN_SIDE = 256  # smaller images are enlarged for OCR (a 64 px poster's letters are 8 px tall)
 MAX_SHAPES = 6  # the largest shapes named in a caption; more make it long, not better
@@ -97,17 +101,6 @@ class AutoCaption:
     previous: str | None
     written: bool
     found_text: bool = True
-
-
-def vlm_description(image: Image.Image, model_id: str) -> str:
-    """A free-text description from a transformers image-to-text model the user has the weights of."""
-    try:
-        from transformers import pipeline  # optional: only --vlm runs a captioning model
-
-        captioner = pipeline("image-to-text", model=model_id)
-        return str(captioner(image)[0]["generated_text"]).strip()
-    except Exception as exc:  # any loading or model error is the user's setup, reported in one line
-        raise UserError(f"--vlm {model_id}: cannot run it ({type(exc).__name__}: {exc})") from None
 
 
 def read_lines(image: Image.Image, read: list[TextBox] | None = None) -> list[TextBox]:
@@ -205,27 +198,31 @@ def describe(analysis: Analysis, lines: list[TextBox], kind: str = "auto") -> Ca
     return schema
 
 
-def auto_caption_image(image: Image.Image, kind: str = "auto") -> tuple[str, bool]:
-    """(the caption of one image from its text and layout, whether it found anything to say)."""
+def auto_caption_image(image: Image.Image, kind: str = "auto", model: CaptionModel | None = None
+                       ) -> tuple[str, bool]:
+    """(the caption of one image from its text and layout, and a captioning model's description when
+    ``model`` is given; whether it found anything to say)."""
     image = image.convert("RGB")
     lines = read_lines(image)
     schema = describe(analyse(image, lines), lines, kind)
-    return render(schema, "natural"), bool(schema.elements)  # a colour alone is no caption worth writing
+    if model is not None:
+        schema = merge_description(schema, model.describe(image), kind_given=kind != "auto")
+    # a colour alone is no caption worth writing
+    return render(schema, "natural"), bool(schema.elements or schema.subject)
 
 
 def auto_caption_folder(folder: str | Path, kind: str = "auto", overwrite: bool = False, dry_run: bool = False,
-                        vlm: str | None = None) -> list[AutoCaption]:
+                        model: str | None = None) -> list[AutoCaption]:
+    """Caption every image of ``folder`` (``model``: a captioning model's hub id or folder, loaded once)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: not a folder")
     results = []
     images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and CACHE_DIR_NAME not in p.parts)
+    captioner = CaptionModel(model) if model and images else None
     for path in images:
         image = open_image(path).convert("RGB")
-        caption, found_text = auto_caption_image(image, kind)
-        if vlm:
-            caption = f"{caption}; {vlm_description(image, vlm)}"
-        found_text = found_text or bool(vlm)  # a bare "a poster" is no caption worth writing
+        caption, found_text = auto_caption_image(image, kind, captioner)
         txt = path.with_suffix(".txt")
         previous = txt.read_text(encoding="utf-8", errors="replace").strip() if txt.exists() else None
         write = found_text and not dry_run and (previous is None or overwrite)

@@ -57,6 +57,7 @@ class CaptionSchema:
     panels: int | None = None
     reading_order: str | None = None  # e.g. "left to right", "top to bottom"
     background: str | None = None  # a name from COLOUR_WORDS
+    subject: str | None = None  # what the picture shows, in free words (a captioning model's; not parsed back)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -115,18 +116,20 @@ def render(schema: CaptionSchema, style: str = "natural") -> str:
     if schema.theme:
         extras.append(f"{schema.theme} theme")
     noun = _KIND_NOUN[schema.kind]
+    subject = [schema.subject] if schema.subject else []
     if style == "natural":
-        body = ", ".join(parts + extras)
+        body = ", ".join(parts + extras + [f"showing {s}" for s in subject])
         return f"{noun} with {body}" if parts else (f"{noun}, {body}" if body else noun)
     if style == "keyword":
         keyword_parts = [re.sub(r'^(\w+(?: \w+)*) "', lambda m: f'{m.group(1)}: "', p) for p in parts]
-        return ", ".join([noun.split(" ", 1)[1]] + keyword_parts + extras)
+        return ", ".join([noun.split(" ", 1)[1]] + keyword_parts + extras + subject)
     verb = {"comic": "Draw", "ui": "Design", "other": "Create"}.get(schema.kind, "Design")
     sentences = [f"{verb} {noun}."]
     sentences += [f"Place {p}." if e.role in SHAPES else f"Place the {p}."
                   for p, e in zip(parts, schema.elements, strict=True)]
     if extras:
         sentences.append("Use " + ", ".join(extras) + ".")
+    sentences += [f"Show {s}." for s in subject]
     return " ".join(sentences)
 
 
