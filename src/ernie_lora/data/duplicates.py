@@ -40,12 +40,14 @@ _DCT = _dct_matrix(HASH_SIDE)
 
 def image_signature(image: Image.Image) -> str:
     """The perceptual hash (64 hex digits) and the colour signature (24 hex digits), joined by ':'."""
-    rgb = image.convert("RGB")
-    grey = np.asarray(rgb.convert("L").resize((HASH_SIDE, HASH_SIDE), Image.Resampling.LANCZOS), dtype=np.float64)
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    # a box reduction first, then Lanczos (reducing_gap): a third of the time of Lanczos on the full image
+    small = rgb.resize((HASH_SIDE, HASH_SIDE), Image.Resampling.LANCZOS, reducing_gap=2.0)
+    grey = np.asarray(small.convert("L"), dtype=np.float64)
     low = (_DCT @ grey @ _DCT.T)[:LOW, :LOW].ravel()
     bits = low > np.median(low[1:])
     bits[0] = False  # the constant term is brightness, which the colour signature covers
-    cells = np.asarray(rgb.resize((COLOUR_GRID, COLOUR_GRID), Image.Resampling.BOX), dtype=np.uint8)
+    cells = np.asarray(small.resize((COLOUR_GRID, COLOUR_GRID), Image.Resampling.BOX), dtype=np.uint8)
     return f"{np.packbits(bits).tobytes().hex()}:{cells.tobytes().hex()}"
 
 
