@@ -298,7 +298,7 @@ def test_dataset_check_flags_images_smaller_than_their_bucket_and_captions_over_
 
 
 def test_language_of_a_caption():
-    from ernie_lora.data.stats import language_of
+    from ernie_lora.captions.stats import language_of
 
     assert language_of("a poster with the title at the top, blue theme") == "en"
     assert language_of("ein Plakat mit dem Titel oben und einer blauen Leiste") == "de"

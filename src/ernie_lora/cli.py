@@ -213,7 +213,7 @@ def _token_counter(model: str | None, without: str):
     if model is None:
         typer.echo(f"captions: {without}; pass --model or --config to count the text encoder's tokens")
         return None
-    from .data.stats import token_counter
+    from .captions.stats import token_counter
 
     _quiet_libraries()
     try:
@@ -295,11 +295,11 @@ def dataset_stats(
 ) -> None:
     """Sizes, aspect ratios, buckets (with a contact sheet), caption lengths in tokens, top words, languages;
     then images, mean aesthetic and hierarchical-sampling share per category (with a bar chart)."""
+    from .captions.stats import caption_stats, format_caption_stats
     from .data.categories import list_images
     from .data.dataset import check_dataset
     from .data.sampling import aesthetic_levels, category_stats, format_stats
-    from .data.stats import dataset_stats as compute_stats
-    from .data.stats import format_dataset_stats, save_contact_sheet
+    from .data.stats import format_image_stats, image_stats, save_contact_sheet
     from .plots import save_stats_chart
 
     _outside(folder, sheet, "--sheet")
@@ -311,11 +311,12 @@ def dataset_stats(
         report.raise_if_errors()  # the first problem, named
     if report.errors:
         typer.echo(f"{len(report.errors)} problem(s) left out of these figures (`ernie-lora dataset check` lists them)")
-    stats = compute_stats(report.items, resolution, buckets, tokens)
+    images = image_stats(report.items, resolution, buckets)
+    captions = caption_stats([item.caption for item in report.items], tokens)
     levels = aesthetic_levels(aesthetic) if aesthetic else None
     categories = category_stats(list_images(folder), levels, temperature, depth)  # every input read before writing
-    typer.echo(format_dataset_stats(stats), nl=False)
-    typer.echo(f"contact sheet: {save_contact_sheet(stats, sheet)}")
+    typer.echo(format_image_stats(images) + format_caption_stats(captions), nl=False)
+    typer.echo(f"contact sheet: {save_contact_sheet(images, sheet)}")
     typer.echo(format_stats(categories), nl=False)
     typer.echo(f"chart: {save_stats_chart(categories, chart)}")
 

@@ -121,19 +121,6 @@ def lint_against_image(text: str, image, read: list | None = None) -> list[tuple
     return found
 
 
-def load_tokenizer(model: str):
-    """The model's own tokenizer (what the pipeline counts with), loaded alone."""
-    from diffusers.utils import logging as diffusers_logging
-
-    from ..models import family_for  # deferred: torch and diffusers load only when --model counts tokens
-
-    diffusers_logging.disable_progress_bar()  # a bar for one tokenizer file is noise
-    try:
-        return family_for(model).load_pipeline(model, dtype="fp32", components=("tokenizer",)).tokenizer
-    finally:
-        diffusers_logging.enable_progress_bar()
-
-
 def lint_folder(folder: str | Path, model: str | None = None, ocr: bool = True,
                 max_tokens: int | None = None, images: bool = False) -> tuple[list[LintFinding], int]:
     """Findings for every caption of a dataset folder, and how many captions were read."""
@@ -142,7 +129,9 @@ def lint_folder(folder: str | Path, model: str | None = None, ocr: bool = True,
         raise UserError(f"{folder}: not a folder")
     count_tokens = None
     if model is not None:
-        tokenizer = load_tokenizer(model)
+        from ..models import family_for  # deferred: torch and diffusers load only when --model counts tokens
+
+        tokenizer = family_for(model).load_tokenizer(model)
         declared = int(min(tokenizer.model_max_length, 1 << 62))
         if max_tokens is None and declared > 100_000:  # transformers' "no limit" sentinel
             raise UserError(f"--model {model}: its tokenizer declares no length limit; pass --max-tokens N")

@@ -62,6 +62,16 @@ class ErnieImageFamily:
         """``ErnieImagePipeline`` (``components`` limits what is loaded; see ``loading.load_pipeline``)."""
         return loading.load_pipeline(name or self.hub_id, **kwargs)
 
+    def load_tokenizer(self, name: str, revision: str | None = None):
+        """The model's own tokenizer (what the pipeline counts with), loaded alone, without a progress bar."""
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()  # a bar for one tokenizer file is noise
+        try:
+            return self.load_pipeline(name, dtype="fp32", components=("tokenizer",), revision=revision).tokenizer
+        finally:
+            diffusers_logging.enable_progress_bar()
+
     def load_transformer(self, name: str | None = None, **kwargs):
         return loading.load_transformer(name or self.hub_id, **kwargs)
 
