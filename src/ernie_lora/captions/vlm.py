@@ -48,11 +48,12 @@ class CaptionModel:
     def __init__(self, name: str, max_new_tokens: int = 192) -> None:
         try:  # deferred: torch and transformers load only when --model asks for a captioning model
             import torch
-            from transformers import AutoProcessor
+            from huggingface_hub.utils import logging as hub_logging
+            from transformers import AutoModelForImageTextToText, AutoProcessor
             from transformers import logging as transformers_logging
 
             transformers_logging.set_verbosity_error()
-            from transformers import AutoModelForImageTextToText
+            hub_logging.set_verbosity_error()  # its retry warnings would bury the one line that says what failed
 
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
             dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
