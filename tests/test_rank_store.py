@@ -242,12 +242,13 @@ def test_category_weights_are_count_times_mean_aesthetic(tmp_path):
 
 
 def test_dataset_stats_prints_the_table_and_writes_the_chart(simulated, tmp_path, capsys):
-    chart = tmp_path / "stats.png"
+    chart, sheet = tmp_path / "stats.png", ["--sheet", str(tmp_path / "sheet.png")]
     code, out, err = run_cli(["dataset", "stats", str(simulated), "--aesthetic",
-                              str(simulated.parent / "scores" / "aesthetic.jsonl"), "--chart", str(chart)], capsys)
+                              str(simulated.parent / "scores" / "aesthetic.jsonl"), "--chart", str(chart), *sheet],
+                             capsys)
     assert code == 0, err
     assert "Graphic Design/Poster" in out and "mean aes" in out and chart.read_bytes()[:4] == b"\x89PNG"
-    code, out, _ = run_cli(["dataset", "stats", str(simulated), "--depth", "1", "--chart", str(chart)], capsys)
+    code, out, _ = run_cli(["dataset", "stats", str(simulated), "--depth", "1", "--chart", str(chart), *sheet], capsys)
     assert "Graphic Design " in out and "Graphic Design/Poster" not in out
 
 
