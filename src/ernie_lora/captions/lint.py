@@ -129,14 +129,14 @@ def lint_folder(folder: str | Path, model: str | None = None, ocr: bool = True,
         raise UserError(f"{folder}: not a folder")
     count_tokens = None
     if model is not None:
-        from ..models import family_for  # deferred: torch and diffusers load only when --model counts tokens
+        from .stats import token_counter  # deferred: torch and diffusers load only when --model counts tokens
 
-        tokenizer = family_for(model).load_tokenizer(model)
-        declared = int(min(tokenizer.model_max_length, 1 << 62))
-        if max_tokens is None and declared > 100_000:  # transformers' "no limit" sentinel
-            raise UserError(f"--model {model}: its tokenizer declares no length limit; pass --max-tokens N")
-        max_tokens = max_tokens or declared
-        count_tokens = lambda text: len(tokenizer(text, add_special_tokens=True)["input_ids"])  # noqa: E731
+        tokens = token_counter(model)
+        if max_tokens is None and tokens.limit is None:
+            raise UserError(f"--model {model}: neither its tokenizer nor its text encoder declares a length limit; "
+                            "pass --max-tokens N")
+        max_tokens = max_tokens or tokens.limit
+        count_tokens = tokens.count
     elif max_tokens is not None:
         raise UserError("--max-tokens needs --model (tokens are counted with the model's tokenizer)")
     reader = read_text if ocr else None
