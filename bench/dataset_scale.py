@@ -115,7 +115,7 @@ def near_duplicate_search(data: Path, n: int) -> None:
 
     import numpy as np
 
-    from ernie_lora.data.duplicates import NEAR_DISTANCE, near_duplicates
+    from ernie_lora.data.duplicates import COLOUR_TOLERANCE, NEAR_DISTANCE, near_duplicates
 
     with_near, without = [], []
     for _ in range(3):
@@ -139,7 +139,7 @@ def near_duplicate_search(data: Path, n: int) -> None:
     for i in range(0, len(names), 256):  # every pair, 256 rows at a time
         d = np.bitwise_count(packed[i:i + 256, None] ^ packed[None]).sum(axis=2)
         gap = np.abs(colours[i:i + 256, None] - colours[None]).max(axis=2)
-        for a, b in zip(*np.nonzero((d <= NEAR_DISTANCE) & (gap <= 20)), strict=True):
+        for a, b in zip(*np.nonzero((d <= NEAR_DISTANCE) & (gap <= COLOUR_TOLERANCE)), strict=True):
             if i + a < b:
                 brute.append((names[i + a], names[b], int(d[a, b])))
     scan = time.perf_counter() - start

@@ -223,10 +223,9 @@ def _token_counter(model: str | None, without: str):
         return None
 
 
-def _outside(folder: Path, path: Path, option: str) -> Path:
+def _outside(folder: Path, path: Path, option: str) -> None:
     if path.resolve().is_relative_to(folder.resolve()):
         raise UserError(f"{option} {path}: inside the dataset folder, where it would become a training image")
-    return path
 
 
 _CONFIG_HELP = "a training YAML: its data.resolution, max_aspect_ratio, bucket_multiple and model"

@@ -6,12 +6,12 @@ their quoted text. ``dataset stats`` prints these beside the images' figures (``
 from __future__ import annotations
 
 import re
-import statistics
 import unicodedata
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..data.stats import shares, spread
 from ..eval.text import quoted_text, without_quotes
 
 # Words too common to say anything about a dataset (English, plus the layout language's glue words).
@@ -123,23 +123,17 @@ def caption_stats(captions: list[str], tokens: TokenCounter | None = None, top: 
     return stats
 
 
-def _shares(counter: Counter, total: int) -> str:
-    return ", ".join(f"{name} {count} ({count / total:.0%})" for name, count in counter.most_common())
-
-
 def format_caption_stats(stats: CaptionStats) -> str:
     n = len(stats.lengths)
-    lengths = " / ".join(f"{v:.0f}" for v in (min(stats.lengths), statistics.median(stats.lengths),
-                                              max(stats.lengths)))
-    lines = [f"caption length  {lengths} {stats.unit}"
+    lines = [f"caption length  {spread(stats.lengths)} {stats.unit}"
              + (f"; limit {stats.limit}, {stats.over_limit} over it" if stats.limit is not None else "")]
     if stats.unknown_words:
         lines.append(f"unknown words   {sum(stats.unknown_words.values())} in captions, not in the tokenizer: "
                      + ", ".join(f"{w} ({c})" for w, c in stats.unknown_words.most_common(8)))
     lines += [
         f"top words       {', '.join(f'{w} {c}' for w, c in stats.top_words)}",
-        f"languages       {_shares(stats.languages, n)} (caption words outside quotes)",
+        f"languages       {shares(stats.languages, n)} (caption words outside quotes)",
         f"quoted text     {stats.quoting} of {n} captions"
-        + (f"; {_shares(stats.quoted_languages, stats.quoting)}" if stats.quoting else ""),
+        + (f"; {shares(stats.quoted_languages, stats.quoting)}" if stats.quoting else ""),
     ]
     return "\n".join(lines) + "\n"

@@ -54,6 +54,12 @@ def nearest_bucket(width: int, height: int, buckets: list[Bucket]) -> Bucket:
     return min(buckets, key=lambda b: (abs(math.log(b.ratio) - target), -b.width * b.height))
 
 
+def bucket_and_upscale(width: int, height: int, buckets: list[Bucket]) -> tuple[Bucket, float]:
+    """The bucket an image lands in and how much ``resize_and_crop`` enlarges it to cover it (> 1: upscaled)."""
+    bucket = nearest_bucket(width, height, buckets)
+    return bucket, max(bucket.width / width, bucket.height / height)
+
+
 def resize_and_crop(image: Image.Image, bucket: Bucket, crop: str = "center", rng: random.Random | None = None
                     ) -> Image.Image:
     """Scale to cover the bucket (keeping the aspect ratio), then crop to it."""

@@ -22,7 +22,7 @@ from PIL import Image, ImageOps
 
 from ..errors import UserError
 from ..io import atomic_write_json, sha256_text
-from .buckets import Bucket, nearest_bucket
+from .buckets import Bucket, bucket_and_upscale
 from .duplicates import NEAR_DISTANCE, image_signature, near_duplicates
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
@@ -255,8 +255,7 @@ def _image_findings(rel: str, width: int, height: int, mode: str, min_side: int,
     if mode in UNUSUAL_MODES:
         report.findings.append(Finding(rel, "warning", f"mode {mode}: {UNUSUAL_MODES[mode]}"))
     if buckets is not None:
-        bucket = nearest_bucket(width, height, buckets)
-        scale = max(bucket.width / width, bucket.height / height)
+        bucket, scale = bucket_and_upscale(width, height, buckets)
         if scale > 1.0:
             report.findings.append(Finding(rel, "warning", f"{width}x{height} is smaller than its bucket {bucket}; "
                                            f"it will be upscaled {scale:.2f}x"))

@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 
 from ..errors import UserError
 from ..io import atomic_write
-from .buckets import Bucket, nearest_bucket, resize_and_crop
+from .buckets import Bucket, bucket_and_upscale, resize_and_crop
 from .dataset import Item, load_rgb
 
 SHEET_PER_BUCKET = 8  # thumbnails per bucket row of the contact sheet
@@ -37,15 +37,21 @@ def image_stats(items: list[Item], resolution: int, choices: list[Bucket]) -> Im
     buckets: dict[Bucket, list[Item]] = {}
     upscaled = []
     for item in items:
-        bucket = nearest_bucket(item.width, item.height, choices)
+        bucket, scale = bucket_and_upscale(item.width, item.height, choices)
         buckets.setdefault(bucket, []).append(item)
-        if max(bucket.width / item.width, bucket.height / item.height) > 1.0:
+        if scale > 1.0:
             upscaled.append(item)
     return ImageStats(items, resolution, dict(sorted(buckets.items(), key=lambda kv: kv[0].ratio)), upscaled)
 
 
-def _spread(values: list[float], fmt: str = "{:.0f}") -> str:
+def spread(values: list[float], fmt: str = "{:.0f}") -> str:
+    """min / median / max."""
     return " / ".join(fmt.format(v) for v in (min(values), statistics.median(values), max(values)))
+
+
+def shares(counter: Counter, total: int) -> str:
+    """``name count (share)`` for each entry, most common first."""
+    return ", ".join(f"{name} {count} ({count / total:.0%})" for name, count in counter.most_common())
 
 
 def format_image_stats(stats: ImageStats) -> str:
@@ -55,10 +61,9 @@ def format_image_stats(stats: ImageStats) -> str:
     sizes = Counter(f"{i.width}x{i.height}" for i in stats.items).most_common(3)
     lines = [
         f"images          {n}",
-        f"width           {_spread([i.width for i in stats.items])} (min / median / max)",
-        f"height          {_spread([i.height for i in stats.items])}",
-        f"aspect (w/h)    {_spread(ratios, '{:.2f}')}; "
-        + ", ".join(f"{name} {count} ({count / n:.0%})" for name, count in shapes.most_common()),
+        f"width           {spread([i.width for i in stats.items])} (min / median / max)",
+        f"height          {spread([i.height for i in stats.items])}",
+        f"aspect (w/h)    {spread(ratios, '{:.2f}')}; {shares(shapes, n)}",
         f"common sizes    {', '.join(f'{size} ({count})' for size, count in sizes)}",
         f"{f'buckets at {stats.resolution}':16s}" + ", ".join(f"{b} {len(v)}" for b, v in stats.buckets.items()),
         f"upscaled        {len(stats.upscaled)} image(s) smaller than their bucket"
