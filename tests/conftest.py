@@ -39,6 +39,36 @@ def tiny_folder(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def tiny_smolvlm(tmp_path_factory) -> Path:
+    """A tiny random SmolVLM (Idefics3ForConditionalGeneration) with a byte tokenizer and a chat template, saved."""
+    import torch
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessor, Idefics3Processor
+
+    from ernie_lora.models.tiny import build_byte_tokenizer
+
+    tokenizer = build_byte_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", "<fake_token_around_image>",
+                                                                "<global-img>", "<end_of_utterance>"]})
+    template = ("{% for m in messages %}{{ m['role'] | capitalize }}:{% for c in m['content'] %}"
+                "{% if c['type'] == 'image' %}<image>{% else %} {{ c['text'] }}{% endif %}{% endfor %}"
+                "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}")
+    text = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=2048, bos_token_id=1,
+                eos_token_id=2, pad_token_id=0)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=56,
+                  patch_size=14)
+    config = Idefics3Config(text_config=text, vision_config=vision, scale_factor=2,
+                            image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-smolvlm")
+    Idefics3ForConditionalGeneration(config).save_pretrained(folder)
+    images = Idefics3ImageProcessor(size={"longest_edge": 112}, max_image_size={"longest_edge": 56})
+    Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=4,
+                      chat_template=template).save_pretrained(folder)
+    return folder
+
+
 def tiny_config(dataset: Path, cache: Path, **overrides):
     """A tiny training config (fp32, seconds on a CPU) with section-level overrides."""
     from ernie_lora.config import TrainRunConfig

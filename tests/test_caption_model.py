@@ -1,45 +1,15 @@
 """caption auto --model: a vision-language model's description merged into the layout caption.
 
 The model is a tiny randomly initialised SmolVLM (Idefics3ForConditionalGeneration, the class of
-HuggingFaceTB/SmolVLM-256M-Instruct) with a byte tokenizer and a chat template, built here: nothing is
+HuggingFaceTB/SmolVLM-256M-Instruct) with a byte tokenizer and a chat template, built in conftest: nothing is
 downloaded. Its output is noise, so what it says is checked through the merge with scripted descriptions.
 """
 
-import pytest
 from PIL import Image
 
 from conftest import run_cli
 from ernie_lora.captions.schema import CaptionSchema, Element, render
 from ernie_lora.captions.vlm import CaptionModel, merge_description, subject_of
-
-
-@pytest.fixture(scope="module")
-def tiny_smolvlm(tmp_path_factory):
-    import torch
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessor, Idefics3Processor
-
-    from ernie_lora.models.tiny import build_byte_tokenizer
-
-    tokenizer = build_byte_tokenizer()
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", "<fake_token_around_image>",
-                                                                "<global-img>", "<end_of_utterance>"]})
-    template = ("{% for m in messages %}{{ m['role'] | capitalize }}:{% for c in m['content'] %}"
-                "{% if c['type'] == 'image' %}<image>{% else %} {{ c['text'] }}{% endif %}{% endfor %}"
-                "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}")
-    text = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=2048, bos_token_id=1,
-                eos_token_id=2, pad_token_id=0)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=56,
-                  patch_size=14)
-    config = Idefics3Config(text_config=text, vision_config=vision, scale_factor=2,
-                            image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-smolvlm")
-    Idefics3ForConditionalGeneration(config).save_pretrained(folder)
-    images = Idefics3ImageProcessor(size={"longest_edge": 112}, max_image_size={"longest_edge": 56})
-    Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=4,
-                      chat_template=template).save_pretrained(folder)
-    return folder
 
 
 def _poster(folder, name="jazz"):

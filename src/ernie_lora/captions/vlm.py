@@ -25,6 +25,7 @@ from dataclasses import replace
 
 from PIL import Image
 
+from .. import hub
 from ..errors import UserError
 from .schema import SHAPES, CaptionSchema, parse
 
@@ -57,11 +58,13 @@ class CaptionModel:
 
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
             dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
-            self.processor = AutoProcessor.from_pretrained(name)
-            self.model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype).to(self.device).eval()
+            source = hub.local_source(name)
+            self.processor = AutoProcessor.from_pretrained(source)
+            self.model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype).to(self.device).eval()
         except Exception as exc:  # a missing download, an unknown architecture: the user's setup, in one line
-            raise UserError(f"--model {name}: cannot load it as an image-text-to-text model "
-                            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+            why = str(exc) if isinstance(exc, hub.NotCached) else (
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            raise UserError(f"--model {name}: cannot load it as an image-text-to-text model ({why})") from None
         self.name = name
         self.max_new_tokens = max_new_tokens
         self.florence = getattr(self.model.config, "model_type", "") == "florence2"

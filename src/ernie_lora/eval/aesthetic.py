@@ -31,6 +31,7 @@ from scipy.optimize import curve_fit
 from scipy.stats import kendalltau, pearsonr, spearmanr
 from tqdm.auto import tqdm
 
+from .. import hub
 from ..data.categories import list_images, metadata_rows
 from ..data.dataset import METADATA_FILE
 from ..data.sampling import read_aesthetic_labels
@@ -87,9 +88,10 @@ class Encoder:
 
         source = name[3:]
         try:
+            source = hub.local_source(source)
             self.model = AutoModel.from_pretrained(source).to(device).eval()
             self.processor = AutoImageProcessor.from_pretrained(source)
-        except OSError as exc:
+        except OSError as exc:  # hub.NotCached included
             raise UserError(f"encoder {name}: cannot load ({str(exc).splitlines()[0]})") from None
         if not hasattr(self.model, "get_image_features"):
             raise UserError(f"encoder {name}: {type(self.model).__name__} has no get_image_features")

@@ -7,7 +7,8 @@ A model name is one of:
 - a Hugging Face hub id such as ``baidu/ERNIE-Image`` or ``baidu/ERNIE-Image-Turbo``.
 
 When the weights are not on this machine and cannot be downloaded, one clear error says how to
-fetch them.
+fetch them; when the hub cannot be reached at all, the cached snapshot is read (``hub.py``), so a
+cached model loads and that error comes at once instead of after huggingface_hub's retries.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from diffusers import ErnieImagePipeline, ErnieImageTransformer2DModel
 from huggingface_hub import snapshot_download
 
+from .. import hub
 from ..errors import UserError
 from . import tiny
 from .micro_arch import MICRO_DIR
@@ -84,9 +86,10 @@ def _source(name: str) -> str:
 
 
 def _missing_weights_error(name: str, cause: Exception) -> UserError:
+    why = str(cause) if isinstance(cause, hub.NotCached) else (
+        f"weights not found locally and could not be downloaded ({type(cause).__name__})")
     return UserError(
-        f"model {name!r}: weights not found locally and could not be downloaded "
-        f"({type(cause).__name__}). Fetch them once with `hf download {name} --local-dir DIR` and use DIR as the model "
+        f"model {name!r}: {why}. Fetch them once with `hf download {name} --local-dir DIR` and use DIR as the model "
         f"(--model DIR, or model.name: DIR in a config; or set HF_HOME to the cache that holds them)"
     )
 
@@ -125,7 +128,8 @@ def load_pipeline(
     skip = {comp: None for comp in COMPONENTS if comp not in wanted}
     source = _source(name)
     try:
-        pipe = ErnieImagePipeline.from_pretrained(source, dtype=torch_dtype, revision=revision, **skip)
+        pipe = ErnieImagePipeline.from_pretrained(hub.local_source(source, revision), dtype=torch_dtype,
+                                                  revision=revision, **skip)
     except (OSError, ValueError) as exc:
         if _is_local(name):
             raise UserError(f"model folder {source}: not a diffusers ERNIE-Image folder ({exc})") from None
@@ -172,7 +176,7 @@ def load_transformer(
     source = _source(name)
     try:
         model = ErnieImageTransformer2DModel.from_pretrained(
-            source, subfolder="transformer", dtype=torch_dtype, revision=revision
+            hub.local_source(source, revision), subfolder="transformer", dtype=torch_dtype, revision=revision
         )
     except (OSError, ValueError) as exc:
         if _is_local(name):
