@@ -86,6 +86,11 @@ def test_words_are_spaced_by_the_gaps_in_the_ink_and_cjk_is_left_as_is():
                                         "classics every Tuesday"))
     texts = [box.text for box in read_text(poster)]
     assert texts == ["Jazz Night Live", "classics every Tuesday"]
+    # 256 px: the subtitle is 11 px high, its spaces 4 px wide, its letters 1-2 px apart (the rule before
+    # 2026-11-28, a quarter of the line height, read "hall everydayentry" and "onlineTuesdayevery")
+    for poster in (DesignedPoster("white", "top", "orange", "red", "Jazz Summer Books", "hall every day entry", 256),
+                   DesignedPoster("black", "right", "teal", "orange", "Sale Open Club", "online Tuesday every", 256)):
+        assert [box.text for box in read_text(draw_poster(poster))] == [poster.title, poster.subtitle]
 
 
 def test_auto_captions_name_the_band_colours_and_lint_images_flags_text_only_captions(tmp_path):

@@ -189,20 +189,21 @@ def _training_view(config: Path | None, resolution: int | None, model: str | Non
     from .data.buckets import make_buckets
     from .models.names import PIXELS_PER_TOKEN
 
-    multiple, max_ratio, revision = None, 2.0, None
+    requested, max_ratio, revision = None, 2.0, None
     if config is not None:
         from .config import load_train_config
 
         cfg = load_train_config(config, [])
         resolution = resolution or cfg.data.resolution
         model = model or cfg.model.name
-        multiple, max_ratio, revision = cfg.data.bucket_multiple, cfg.data.max_aspect_ratio, cfg.model.revision
+        requested, max_ratio, revision = cfg.data.bucket_multiple, cfg.data.max_aspect_ratio, cfg.model.revision
     resolution = resolution or 1024
-    if multiple is None and model is not None:
+    if model is not None:
         from .models import family_for  # deferred: the model's configs need torch and diffusers
 
-        multiple = family_for(model).pixel_multiple(model, revision)
-    multiple = multiple or PIXELS_PER_TOKEN
+        multiple = family_for(model).bucket_step(model, requested, revision)  # the grid training uses
+    else:
+        multiple = requested or PIXELS_PER_TOKEN
     if resolution % multiple:
         raise UserError(f"--resolution {resolution}: must be a multiple of {multiple} (the model's pixels per token)")
     return resolution, make_buckets(resolution, multiple, max_ratio), model

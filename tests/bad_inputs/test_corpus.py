@@ -149,11 +149,11 @@ def pairs_file(tmp: Path, rows: list | bytes) -> Path:
     return path
 
 
-def dpo_with_pairs(rows: list | bytes) -> Callable[[Path], list[str]]:
+def dpo_with_pairs(rows: list | bytes, **data) -> Callable[[Path], list[str]]:
     def build(tmp: Path) -> list[str]:
         pairs = pairs_file(tmp, rows)
         cfg = {"model": {"name": "tiny", "dtype": "fp32"}, "data": {"pairs": str(pairs), "resolution": 32,
-                                                                   "cache_dir": str(tmp / "cache")},
+                                                                   "cache_dir": str(tmp / "cache"), **data},
                "train": {"steps": 2, "batch_size": 1, "mixed_precision": "no", "gradient_checkpointing": False}}
         (tmp / "dpo.yaml").write_text(yaml.safe_dump(cfg))
         return ["dpo", str(tmp / "dpo.yaml"), "-o", str(tmp / "run")]
@@ -368,6 +368,9 @@ CASES: list[Case] = [
     Case("pairs truncated image",
          lambda t: (dpo_with_pairs([{"prompt": "x", "chosen": "w.png", "rejected": "l.png"}])(t),
                     truncated_png(t / "w.png"))[0], ["w.png: not a readable image"]),
+    Case("dpo bucket grid the model cannot take",
+         dpo_with_pairs([{"prompt": "x", "chosen": "w.png", "rejected": "l.png"}], resolution=48, bucket_multiple=6),
+         ["data.bucket_multiple: 6", "multiple of 4"]),
     # -- LoRA files -----------------------------------------------------------------------------------
     Case("lora info missing", lambda t: ["lora", "info", str(t / "no.safetensors")], ["no.safetensors: no such file"]),
     Case("lora info pickle", lora_cmd(scorer_pickle, "lora", "info", "{lora}"), ["scorer.pt", "only .safetensors"]),
@@ -467,6 +470,10 @@ CASES: list[Case] = [
     Case("dataset check resolution off the grid",
          cmd_on(GOOD_IMAGES, "dataset", "check", "{in}", "--resolution", "100"),
          ["--resolution 100", "multiple of 16"]),
+    Case("dataset check config with a bucket grid the model cannot take",
+         lambda t: ["dataset", "check", str(folder_with(t, GOOD_IMAGES)), "--config",
+                    str(config(t, raw="model: {name: tiny}\ndata:\n  resolution: 48\n  bucket_multiple: 6\n"))],
+         ["data.bucket_multiple: 6", "multiple of 4"]),
     Case("dataset check config with an unknown key",
          lambda t: ["dataset", "check", str(folder_with(t, GOOD_IMAGES)), "--config",
                     str(config(t, raw="data:\n  resoluton: 64\n"))], ["cfg.yaml", "data.resoluton"]),

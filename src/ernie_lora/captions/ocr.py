@@ -42,11 +42,22 @@ def _engine():
     return RapidOCR()
 
 
-def read_text(image: Image.Image, min_confidence: float = 0.5) -> list[TextBox]:
+@dataclass(frozen=True)
+class SpaceRule:
+    """How wide a run of ink-free columns in a text line must be to count as a space: wider than
+    ``line_share`` of the line's height and than ``letter_factor`` times the line's usual gap between
+    letters (bold capitals stand apart). Tuned on designed posters at 256 and 512 px (bench/ocr_rates.py):
+    an 11 px subtitle's spaces are 4 px, its gaps between letters 1-2 px."""
+
+    line_share: float = 0.2
+    letter_factor: float = 2.0
+
+
+def read_text(image: Image.Image, min_confidence: float = 0.5, spaces: SpaceRule = SpaceRule()) -> list[TextBox]:
     """Text boxes found in an image, most confident reading of each line, words spaced by their geometry.
 
     The recogniser often drops the space between two words ("everyTuesday"); where the ink of the line
-    has a gap as wide as a space at the boundary between two letters, a space is put back.
+    has a gap as wide as a space (``spaces``) at the boundary between two letters, a space is put back.
     """
     rgb = np.asarray(image.convert("RGB"))
     result, _ = _engine()(rgb[:, :, ::-1], return_word_box=True)  # rapidocr takes BGR arrays
@@ -56,7 +67,7 @@ def read_text(image: Image.Image, min_confidence: float = 0.5) -> list[TextBox]:
         if float(confidence) >= min_confidence and text.strip():
             box = (min(xs), min(ys), max(xs), max(ys))
             if letters and len(letters[0]) == len(text):
-                text = space_words(text, [_x_span(q) for q in letters[0]], _ink_gaps(rgb, box))
+                text = space_words(text, [_x_span(q) for q in letters[0]], _ink_gaps(rgb, box, spaces))
             boxes.append(TextBox(text.strip(), float(confidence), box))
     return boxes
 
@@ -69,11 +80,9 @@ def _x_span(quad) -> tuple[float, float]:
     return min(xs), max(xs)
 
 
-def _ink_gaps(rgb: np.ndarray, box: tuple[float, float, float, float]) -> list[tuple[float, float]]:
-    """Runs of ink-free columns inside a text line wide enough to be a space, as (left, right) in image
-    pixels. The line's background is its commonest colour, ink what differs from it; a space is wider
-    than a quarter of the line height and than twice the line's usual gap between letters (bold capitals
-    stand apart)."""
+def _ink_gaps(rgb: np.ndarray, box: tuple[float, float, float, float], spaces: SpaceRule) -> list[tuple[float, float]]:
+    """Runs of ink-free columns inside a text line wide enough to be a space (``spaces``), as (left, right) in
+    image pixels. The line's background is its commonest colour, ink what differs from it."""
     x0, y0, x1, y1 = (int(round(v)) for v in box)
     crop = rgb[max(0, y0):y1 + 1, max(0, x0):x1 + 1].astype(np.int16)
     if crop.size == 0:
@@ -94,7 +103,7 @@ def _ink_gaps(rgb: np.ndarray, box: tuple[float, float, float, float]) -> list[t
             start = None
     widths = sorted(b - a + 1 for a, b in runs)
     usual = widths[len(widths) // 2] if len(widths) >= 3 else 0
-    wide = max(0.25 * (y1 - y0), 2.2 * usual)
+    wide = max(spaces.line_share * (y1 - y0), spaces.letter_factor * usual)
     return [(x0 + a, x0 + b) for a, b in runs if b - a + 1 >= wide]
 
 

@@ -109,6 +109,15 @@ class ErnieImageFamily:
         # the pipeline's vae_scale_factor (2 ** blocks) already counts the 2x2 patchify
         return 2 ** blocks * int(self.transformer_config(name, revision).get("patch_size", 1))
 
+    def bucket_step(self, name: str, requested: int | None = None, revision: str | None = None) -> int:
+        """The bucket grid's step in pixels: ``requested`` (a config's data.bucket_multiple) or the model's pixel
+        multiple; a step the model cannot take (not a multiple of its own) is a config error."""
+        multiple = self.pixel_multiple(name, revision)
+        if requested and requested % multiple:
+            raise UserError(f"data.bucket_multiple: {requested} must be a multiple of {multiple} (what the model "
+                            "needs)")
+        return requested or multiple
+
     def text_token_limit(self, tokenizer, name: str, revision: str | None = None) -> int | None:
         """Tokens of a prompt the text encoder reads: the pipeline tokenises with ``truncation=True``, so the
         tokenizer's declared ``model_max_length`` cuts; when it declares none (transformers' huge sentinel),

@@ -202,8 +202,8 @@ def prepare_pairs(cfg: DpoRunConfig, run: engine.Run, family: ErnieImageFamily
                   ) -> tuple[list[PairSample], torch.Tensor]:
     """Read the pairs, cache both images' latents and the prompts' embeddings; each pair in one bucket. Returns
     the pairs and the empty prompt's embedding (the samples' CFG negative)."""
-    multiple = family.pixel_multiple(cfg.model.name, cfg.model.revision)
-    buckets = make_buckets(cfg.data.resolution, cfg.data.bucket_multiple or multiple, cfg.data.max_aspect_ratio)
+    step_px = family.bucket_step(cfg.model.name, cfg.data.bucket_multiple, cfg.model.revision)
+    buckets = make_buckets(cfg.data.resolution, step_px, cfg.data.max_aspect_ratio)
     pairs_file = Path(cfg.data.pairs)
     pairs = read_pairs(pairs_file)
     chosen_items, rejected_items = pair_items(pairs)

@@ -305,10 +305,7 @@ class FlowMatchingStep:
 def prepare_data(cfg: TrainRunConfig, run: engine.Run, family: ErnieImageFamily, stages: list[Stage]) -> PreparedData:
     """Check the dataset, hold out the validation set, bucket the images at every stage's resolution and cache
     their latents and embeddings in one pass (split over the processes)."""
-    multiple = family.pixel_multiple(cfg.model.name, cfg.model.revision)
-    step_px = cfg.data.bucket_multiple or multiple
-    if step_px % multiple:
-        raise UserError(f"data.bucket_multiple: {step_px} must be a multiple of {multiple} (what the model needs)")
+    step_px = family.bucket_step(cfg.model.name, cfg.data.bucket_multiple, cfg.model.revision)
     for stage in stages:
         if stage.resolution % step_px:
             raise UserError(f"train.stages: resolution {stage.resolution} is not a multiple of {step_px}")
