@@ -86,3 +86,53 @@ def test_training_with_caption_styles_uses_each_styles_cached_embedding(poster_d
     from test_train import _same_lora
 
     assert _same_lora(tmp_path / "run" / "lora.safetensors", tmp_path / "r3" / "lora.safetensors")
+
+
+def test_trigger_word_fills_the_placeholder_or_goes_first_once():
+    from ernie_lora.captions.trigger import with_trigger
+
+    assert with_trigger('a poster, title "SALE"', "ohwx") == 'ohwx, a poster, title "SALE"'
+    assert with_trigger('a [Trigger] poster, title "SALE"', "ohwx") == 'a ohwx poster, title "SALE"'
+    assert with_trigger('an OHWX poster', "ohwx") == "an OHWX poster"  # said already: not twice
+    assert with_trigger("ohwxy poster", "ohwx") == "ohwx, ohwxy poster"  # a longer word is not the trigger
+    assert with_trigger("", "ohwx") == "" and with_trigger("a poster", None) == "a poster"
+
+
+def test_training_with_a_trigger_word_says_it_in_every_style_sample_and_file(poster_dataset, tmp_path, capsys):
+    from conftest import run_cli
+    from ernie_lora.captions.trigger import with_trigger
+    from ernie_lora.lora.files import read_lora_shapes
+
+    first = sorted(poster_dataset.glob("*.txt"))[0]
+    first.write_text("a [trigger] " + first.read_text())
+    cfg = tiny_config(poster_dataset, tmp_path / "cache", data={"caption_styles": list(STYLES), "caption_dropout": 0,
+                                                                "trigger_word": "ohwx poster"},
+                      sample={"every": 0, "prompts": ['title "SALE"', "a [trigger] with a red band"]})
+    result = train(cfg, tmp_path / "run", progress=False)
+    pipe = build_tiny_pipeline(0)
+    for sample in result.cache.samples:
+        for style, path in zip(STYLES, sample.texts, strict=True):
+            worded = with_trigger(restyle(sample.caption.replace("[trigger]", "ohwx poster"), style), "ohwx poster")
+            assert worded.count("ohwx poster") == 1
+            assert torch.equal(load_embedding(path).float(), pipe.encode_prompt(worded, device="cpu")[0])
+    placeholder = next(s for s in result.cache.samples if "[trigger]" in s.caption)
+    assert placeholder.caption.startswith("a [trigger] ")  # filled where it stood, not put first
+    assert set(result.cache.prompt_texts) == {'ohwx poster, title "SALE"', "a ohwx poster with a red band"}
+    header = read_lora_shapes(tmp_path / "run" / "lora.safetensors")[1]
+    assert header["ernie_lora.trigger_word"] == header["modelspec.trigger_phrase"] == "ohwx poster"
+    code, out, err = run_cli(["lora", "info", str(tmp_path / "run" / "lora.safetensors")], capsys)
+    assert code == 0 and "trigger:   ohwx poster" in out
+    code, out, err = run_cli(["lora", "convert", str(tmp_path / "run" / "lora.safetensors"),
+                              str(tmp_path / "comfy.safetensors"), "-f", "comfy"], capsys)
+    assert code == 0, err  # a converted file keeps the trigger where ComfyUI users' tools look for it
+    assert read_lora_shapes(tmp_path / "comfy.safetensors")[1]["modelspec.trigger_phrase"] == "ohwx poster"
+    # generate fills [trigger] from the LoRA and says when a prompt leaves the trigger out
+    lora = f"{tmp_path / 'run' / 'lora.safetensors'}:1.0"
+    code, out, err = run_cli(["generate", "a [trigger], blue theme", "a plain poster", "-m", "tiny", "--lora", lora,
+                              "--width", "32", "--height", "32", "--steps", "1", "-o", str(tmp_path / "out")], capsys)
+    assert code == 0, err
+    assert "trained with the trigger word 'ohwx poster'; 1 of 2 prompts do not say it" in err
+    from PIL import Image
+
+    first = sorted((tmp_path / "out").glob("000-*.png"))[0]
+    assert Image.open(first).text["prompt"] == "a ohwx poster, blue theme"

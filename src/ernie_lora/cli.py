@@ -476,8 +476,10 @@ def lora_info_cmd(
         meant = "-" if same is None else ("yes" if same else "NO")
         typer.echo(f"  {view.loader:10s} {'yes' if view.loads else 'no':6s} {meant:9s} {detail}")
     typer.echo(f"base:      {p.get('base_model', 'unknown')}")
+    if info.trigger:
+        typer.echo(f"trigger:   {info.trigger}  (generate fills [trigger] in prompts with it)")
     for key, value in sorted(p.items()):
-        if key not in ("base_model", "training_config", "rank", "alpha", "scale_folded"):
+        if key not in ("base_model", "training_config", "rank", "alpha", "scale_folded", "trigger_word"):
             typer.echo(f"  {key}: {value[:100]}")
     if info.fits is not None:
         typer.echo(f"fits {model}: {info.fits}")

@@ -78,6 +78,8 @@ class DataConfig(_Strict):
     caption_dropout: float = Field(0.05, ge=0.0, le=1.0)
     # one drawn per sample and step: the same caption worded as users write prompts (ERNIE-Image SFT)
     caption_styles: list[Literal["natural", "keyword", "instruction"]] = ["natural"]
+    # a word the LoRA learns to answer to: fills [trigger] in captions and sample prompts, else put first
+    trigger_word: str | None = None
     cache_dir: str | None = None  # default: <dataset>/.ernie_lora_cache
     sampling: SamplingConfig = SamplingConfig()
     # held out of training for validation: a folder of images and captions (relative to this file), or a
@@ -90,6 +92,16 @@ class DataConfig(_Strict):
     def _validation_share(cls, v: str | float | None) -> str | float | None:
         if isinstance(v, float) and not 0.0 < v < 0.5:
             raise ValueError(f"a share of the dataset must be between 0 and 0.5 (got {v}); or give a folder")
+        return v
+
+    @field_validator("trigger_word")
+    @classmethod
+    def _trigger_is_words(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        v = " ".join(v.split())
+        if not v or "[" in v or "]" in v or "," in v:
+            raise ValueError(f"{v!r}: a word or phrase, without brackets or commas (e.g. ohwx poster)")
         return v
 
     @field_validator("caption_styles")

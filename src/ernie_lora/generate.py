@@ -22,11 +22,13 @@ from PIL.PngImagePlugin import PngInfo
 
 from . import __version__
 from .captions.expand import expand_prompt
+from .captions.trigger import fill_placeholder, has_placeholder, names_trigger
 from .cpu_threads import pick_cpu_threads
 from .errors import UserError
 from .io import atomic_write
 from .lora.files import read_lora_shapes
 from .lora.formats import read_lora_file
+from .lora.header import trigger_of
 from .lora.live import LiveLoras
 from .lora.modules import is_plain
 from .lora.tools import check_fits, fuse_into
@@ -72,6 +74,34 @@ def interference_warnings(loras: list[LoraSpec], module_sets: list[set[str]]) ->
         if shared:
             warnings.append(f"{len(module_sets)} LoRAs all modify the same {len(shared)} modules: expect interference")
     return warnings
+
+
+def lora_triggers(paths: list[Path]) -> dict[str, str]:
+    """Each LoRA file's trigger word, by file name. Headers only, so a bad file fails here, before an 8B model
+    loads."""
+    found = {}
+    for path in paths:
+        word = trigger_of(read_lora_shapes(path)[1])
+        if word:
+            found[Path(path).name] = word
+    return found
+
+
+def prompts_with_triggers(prompts: list[str], triggers: dict[str, str]) -> list[str]:
+    """``[trigger]`` in each prompt filled with the LoRAs' trigger words; a note for each trigger that some
+    prompts leave out (the LoRA may then do little: it learned to answer to that word)."""
+    if not triggers:
+        if any(has_placeholder(p) for p in prompts):
+            raise UserError("a prompt says [trigger] but no LoRA given records a trigger word")
+        return prompts
+    words = ", ".join(dict.fromkeys(triggers.values()))
+    filled = [fill_placeholder(p, words) for p in prompts]
+    for name, word in triggers.items():
+        missing = sum(not names_trigger(p, word) for p in filled)
+        if missing:
+            print(f"note: {name} was trained with the trigger word {word!r}; {missing} of {len(filled)} prompts do "
+                  "not say it (write it, or [trigger])", file=sys.stderr)
+    return filled
 
 
 def _slug(text: str, length: int = 40) -> str:
@@ -190,8 +220,7 @@ def generate(
     if steps <= 0:
         raise UserError(f"--steps: {steps} must be > 0")
     loras = loras or []
-    for spec in loras:
-        read_lora_shapes(spec.path)  # fail on a bad file before loading an 8B model (header only)
+    prompts = prompts_with_triggers(prompts, lora_triggers([spec.path for spec in loras]))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     caller_pipe = pipe is not None
     pick_cpu_threads(model, None, device)

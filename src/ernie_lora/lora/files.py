@@ -19,6 +19,7 @@ from ..io import atomic_write
 from .header import (
     ADAPTER_METADATA_KEY,
     METADATA_PREFIX,
+    MODELSPEC_TRIGGER,
     check_safetensors,
     resolve_lora_path,
     tensor_digest,
@@ -46,6 +47,8 @@ def save_lora(path: str | Path, state_dict: dict[str, torch.Tensor], adapter_met
         key = key.removeprefix(METADATA_PREFIX)
         if key != "tensor_sha256":  # always the hash of these tensors, never a copied one
             header[METADATA_PREFIX + key] = value if isinstance(value, str) else json.dumps(value, default=str)
+    if header.get(METADATA_PREFIX + "trigger_word"):  # also where other tools look (SAI ModelSpec)
+        header[MODELSPEC_TRIGGER] = header[METADATA_PREFIX + "trigger_word"]
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
 
 

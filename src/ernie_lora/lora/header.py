@@ -23,6 +23,7 @@ from ..errors import UserError
 
 METADATA_PREFIX = "ernie_lora."
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' header key for the peft config
+MODELSPEC_TRIGGER = "modelspec.trigger_phrase"  # SAI ModelSpec's key, read by other tools and sites
 
 # safetensors dtype -> (torch's name for it, as hashed; numpy dtype, None where numpy has none; bytes each)
 DTYPES = {
@@ -143,3 +144,12 @@ def adapter_metadata(header: dict[str, str], path: Path) -> dict | None:
 
 def provenance(header: dict[str, str]) -> dict[str, str]:
     return {k.removeprefix(METADATA_PREFIX): v for k, v in header.items() if k.startswith(METADATA_PREFIX)}
+
+
+def trigger_of(header: dict[str, str]) -> str | None:
+    """The trigger word a LoRA file's header records, ours or ModelSpec's; None when it records none."""
+    for key in (METADATA_PREFIX + "trigger_word", MODELSPEC_TRIGGER):
+        value = header.get(key, "").strip()
+        if value:
+            return value
+    return None

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
-from .header import METADATA_PREFIX, RawTensor, provenance, raw_digest, read_raw, resolve_lora_path
+from .header import METADATA_PREFIX, RawTensor, provenance, raw_digest, read_raw, resolve_lora_path, trigger_of
 from .layouts import (
     LOADERS,
     Key,
@@ -36,6 +36,7 @@ class LoraInfo:
     provenance: dict[str, str] = field(default_factory=dict)
     loaders: list[tuple[LoaderPlan, bool | None, str]] = field(default_factory=list)
     fits: str | None = None  # None: not checked; "yes" or the first mismatch
+    trigger: str | None = None  # the trigger word the header records (ours or ModelSpec's)
 
     @property
     def kinds(self) -> dict[str, int]:
@@ -101,7 +102,7 @@ def lora_info(path: str | Path, model: str | None = None) -> LoraInfo:
     path = resolve_lora_path(path)
     read = _read(path)
     info = LoraInfo(path, layout_name(read.parsed), read.plans, read.alpha_source, path.stat().st_size,
-                    provenance(read.header), loader_verdicts(path, read))
+                    provenance(read.header), loader_verdicts(path, read), trigger=trigger_of(read.header))
     if model is not None:
         # deliberate: only a fit check needs the model's shapes, and with them torch and diffusers
         from .formats import read_lora_file

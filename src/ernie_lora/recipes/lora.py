@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..captions import restyle
+from ..captions.trigger import fill_placeholder, has_placeholder, with_trigger
 from ..config import StageConfig, TrainRunConfig
 from ..data.batches import BucketBatches
 from ..data.buckets import make_buckets
@@ -165,6 +166,8 @@ class Watch:
         self.cfg, self.run, self.model, self.bar, self.stage = cfg, run, model, bar, stages[0]
         provenance = dataset_provenance(data.training)  # the images it trained on (validation held out)
         # what the LoRA file records, at the step it is written (the best, the last)
+        if cfg.data.trigger_word:
+            provenance["trigger_word"] = cfg.data.trigger_word  # generate and lora info read it back
         self.metadata = lambda step: engine.lora_metadata(cfg, "lora", family, model, step, **provenance)
         self.after: Path | None = None
         self.samples_dir = run.output / "samples"
@@ -173,7 +176,7 @@ class Watch:
         self.sampler = None
         if cfg.sample.prompts and active:
             self.sampler = engine.Sampler(family, cfg.model, cfg.sample,
-                                          [load_embedding(data.cached.prompt_texts[p]) for p in cfg.sample.prompts],
+                                          [load_embedding(data.cached.prompt_texts[p]) for p in sample_prompts(cfg)],
                                           empty, model.transformer, run.device, cfg.data.resolution)
         self.validation = None
         if data.validation and active:
@@ -302,6 +305,11 @@ class FlowMatchingStep:
         return {"loss": logged.item() / n}
 
 
+def sample_prompts(cfg: TrainRunConfig) -> list[str]:
+    """The sample prompts as sampled: with the trigger word, like the captions trained on."""
+    return [with_trigger(prompt, cfg.data.trigger_word) for prompt in cfg.sample.prompts]
+
+
 def prepare_data(cfg: TrainRunConfig, run: engine.Run, family: ErnieImageFamily, stages: list[Stage]) -> PreparedData:
     """Check the dataset, hold out the validation set, bucket the images at every stage's resolution and cache
     their latents and embeddings in one pass (split over the processes)."""
@@ -315,15 +323,25 @@ def prepare_data(cfg: TrainRunConfig, run: engine.Run, family: ErnieImageFamily,
     report = check_dataset(cfg.data.path, min_side=min_side, near=None)  # warnings are for `dataset check`
     report.raise_if_errors()
     items, held_out = split_validation(cfg, report, min_side)
+    trigger = cfg.data.trigger_word
+    if not trigger:
+        unfilled = next((item for item in items + held_out if has_placeholder(item.caption)), None)
+        if unfilled is not None:
+            raise UserError(f"{unfilled.image}: its caption says [trigger] but data.trigger_word is not set")
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(cfg.data.path) / CACHE_DIR_NAME
     styles = cfg.data.caption_styles
     groups = [(items, buckets[s.resolution]) for s in stages] + [(held_out, buckets[largest])]
+
+    def wordings(caption: str) -> list[str]:
+        """The caption in each style, with the trigger where [trigger] stood or, added after restyling, first."""
+        text = fill_placeholder(caption, trigger) if trigger else caption
+        return [with_trigger(restyle(text, style), trigger) for style in styles]
+
     # each process encodes its share of what is missing; all then read the same shards
     cached, samples = build_cache_groups(
-        groups, cache_dir, cfg.model.name, crop=cfg.data.crop, prompts=cfg.sample.prompts,
+        groups, cache_dir, cfg.model.name, crop=cfg.data.crop, prompts=sample_prompts(cfg),
         vae_dtype=cfg.model.vae_dtype, text_dtype=cfg.model.dtype, device=run.device, revision=cfg.model.revision,
-        wordings=lambda caption: [restyle(caption, style) for style in styles], rank=run.rank, world=run.world,
-        barrier=run.wait,
+        wordings=wordings, rank=run.rank, world=run.world, barrier=run.wait,
     )
     cached.samples = samples[-2]  # the last stage's: what TrainResult.cache has always held
     return PreparedData(report, items, cached, samples[:-1], samples[-1])

@@ -207,7 +207,7 @@ class Studio:
         """Each prompt generated without and with the chosen LoRAs (same seed), and both scored: layout
         fidelity where the prompt is in the layout language, OCR recall where it quotes text; means over
         the prompt set beside each other."""
-        from ..generate import LoraSpec, generate
+        from ..generate import LoraSpec, generate, lora_triggers, prompts_with_triggers
         from ..models import ERNIE_IMAGE
 
         prompts = [p.strip() for p in body.prompts]
@@ -215,6 +215,7 @@ class Studio:
             if not prompt or len(prompt) > 2000:
                 raise UserError(f"prompt {number}: give 1 to 2000 characters")
         paths = [self.lora_path(lora.run) for lora in body.loras]
+        prompts = prompts_with_triggers(prompts, lora_triggers(paths))  # before and after: the same words
         model, dtype, side = self.run_model(body.loras[0].run) if body.loras else ("micro", "fp32", 64)
         out = self.playground_dir / time.strftime("%Y%m%d-%H%M%S")
         with self._pipe_lock:  # one generation at a time; the pipeline stays loaded between calls
