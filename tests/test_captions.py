@@ -136,3 +136,11 @@ def test_training_with_a_trigger_word_says_it_in_every_style_sample_and_file(pos
 
     first = sorted((tmp_path / "out").glob("000-*.png"))[0]
     assert Image.open(first).text["prompt"] == "a ohwx poster, blue theme"
+
+
+def test_a_trigger_word_the_tokenizer_does_not_know_is_warned_about(poster_dataset, tmp_path, capsys):
+    cfg = tiny_config(poster_dataset, tmp_path / "cache", model={"name": "micro", "dtype": "fp32"},
+                      data={"trigger_word": "ohwx poster"}, train={"steps": 1})
+    train(cfg, tmp_path / "run", progress=False)
+    err = capsys.readouterr().err
+    assert "warning: data.trigger_word 'ohwx poster': micro's tokenizer does not know ohwx," in err

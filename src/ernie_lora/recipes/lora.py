@@ -16,6 +16,7 @@ batch N*b. The main process alone writes files.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..captions import restyle
+from ..captions.stats import token_counter
 from ..captions.trigger import fill_placeholder, has_placeholder, with_trigger
 from ..config import StageConfig, TrainRunConfig
 from ..data.batches import BucketBatches
@@ -328,6 +330,12 @@ def prepare_data(cfg: TrainRunConfig, run: engine.Run, family: ErnieImageFamily,
         unfilled = next((item for item in items + held_out if has_placeholder(item.caption)), None)
         if unfilled is not None:
             raise UserError(f"{unfilled.image}: its caption says [trigger] but data.trigger_word is not set")
+    elif run.is_main:
+        unknown = token_counter(cfg.model.name, cfg.model.revision).unknown(trigger)
+        if unknown:  # a word-level tokenizer (micro's) reads every word it lacks as one and the same token
+            print(f"warning: data.trigger_word {trigger!r}: {cfg.model.name}'s tokenizer does not know "
+                  f"{', '.join(unknown)}, which it reads like any other unknown word; pick words it knows",
+                  file=sys.stderr)
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(cfg.data.path) / CACHE_DIR_NAME
     styles = cfg.data.caption_styles
     groups = [(items, buckets[s.resolution]) for s in stages] + [(held_out, buckets[largest])]
