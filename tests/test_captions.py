@@ -96,6 +96,7 @@ def test_trigger_word_fills_the_placeholder_or_goes_first_once():
     assert with_trigger('an OHWX poster', "ohwx") == "an OHWX poster"  # said already: not twice
     assert with_trigger("ohwxy poster", "ohwx") == "ohwx, ohwxy poster"  # a longer word is not the trigger
     assert with_trigger("", "ohwx") == "" and with_trigger("a poster", None) == "a poster"
+    assert with_trigger("一幅水墨画海报", "水墨") == "一幅水墨画海报"  # Chinese has no spaces to bound a word
 
 
 def test_training_with_a_trigger_word_says_it_in_every_style_sample_and_file(poster_dataset, tmp_path, capsys):
@@ -126,6 +127,11 @@ def test_training_with_a_trigger_word_says_it_in_every_style_sample_and_file(pos
                               str(tmp_path / "comfy.safetensors"), "-f", "comfy"], capsys)
     assert code == 0, err  # a converted file keeps the trigger where ComfyUI users' tools look for it
     assert read_lora_shapes(tmp_path / "comfy.safetensors")[1]["modelspec.trigger_phrase"] == "ohwx poster"
+    # a LoRA started from it answers to the same word, and says so
+    again = tiny_config(poster_dataset, tmp_path / "cache", train={"steps": 1},
+                        lora={"init_from": str(tmp_path / "run" / "lora.safetensors")})
+    train(again, tmp_path / "continued", progress=False)
+    assert read_lora_shapes(tmp_path / "continued" / "lora.safetensors")[1]["modelspec.trigger_phrase"] == "ohwx poster"
     # generate fills [trigger] from the LoRA and says when a prompt leaves the trigger out
     lora = f"{tmp_path / 'run' / 'lora.safetensors'}:1.0"
     code, out, err = run_cli(["generate", "a [trigger], blue theme", "a plain poster", "-m", "tiny", "--lora", lora,
@@ -143,4 +149,25 @@ def test_a_trigger_word_the_tokenizer_does_not_know_is_warned_about(poster_datas
                       data={"trigger_word": "ohwx poster"}, train={"steps": 1})
     train(cfg, tmp_path / "run", progress=False)
     err = capsys.readouterr().err
-    assert "warning: data.trigger_word 'ohwx poster': micro's tokenizer does not know ohwx," in err
+    assert "warning: trigger word 'ohwx poster': micro's tokenizer does not know ohwx," in err
+
+
+def test_a_trigger_only_modelspec_records_is_read_shown_and_kept(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from conftest import run_cli
+    from ernie_lora.lora.files import read_lora_shapes
+
+    # the way other tools write it: kohya-style keys, the trigger only under ModelSpec's key
+    down, up = torch.randn(4, 32), torch.zeros(32, 4)
+    save_file({"lora_unet_layers_0_self_attention_to_q.lora_down.weight": down,
+               "lora_unet_layers_0_self_attention_to_q.lora_up.weight": up,
+               "lora_unet_layers_0_self_attention_to_q.alpha": torch.tensor(4.0)},
+              tmp_path / "theirs.safetensors", metadata={"modelspec.trigger_phrase": "inkwash"})
+    code, out, err = run_cli(["lora", "info", str(tmp_path / "theirs.safetensors")], capsys)
+    assert code == 0 and "trigger:   inkwash" in out
+    code, out, err = run_cli(["lora", "convert", str(tmp_path / "theirs.safetensors"),
+                              str(tmp_path / "ours.safetensors")], capsys)
+    assert code == 0, err
+    header = read_lora_shapes(tmp_path / "ours.safetensors")[1]
+    assert header["ernie_lora.trigger_word"] == header["modelspec.trigger_phrase"] == "inkwash"

@@ -18,8 +18,9 @@ def has_placeholder(text: str) -> bool:
 
 
 def names_trigger(text: str, trigger: str) -> bool:
-    """Whether ``text`` says ``trigger`` as a word or phrase of its own (case aside)."""
-    return re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", text, re.IGNORECASE) is not None
+    """Whether ``text`` says ``trigger`` as a word or phrase of its own (case aside). Only Latin letters and
+    digits bound a word: Chinese runs on without spaces, so 水墨 is said in 一幅水墨画."""
+    return re.search(rf"(?<![A-Za-z0-9_]){re.escape(trigger)}(?![A-Za-z0-9_])", text, re.IGNORECASE) is not None
 
 
 def fill_placeholder(text: str, trigger: str) -> str:

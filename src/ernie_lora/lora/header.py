@@ -143,13 +143,14 @@ def adapter_metadata(header: dict[str, str], path: Path) -> dict | None:
 
 
 def provenance(header: dict[str, str]) -> dict[str, str]:
-    return {k.removeprefix(METADATA_PREFIX): v for k, v in header.items() if k.startswith(METADATA_PREFIX)}
+    """Our ``ernie_lora.*`` fields, and the trigger word of a file another tool wrote (ModelSpec's), so that
+    a converted file keeps it."""
+    found = {k.removeprefix(METADATA_PREFIX): v for k, v in header.items() if k.startswith(METADATA_PREFIX)}
+    if not found.get("trigger_word", "").strip() and header.get(MODELSPEC_TRIGGER, "").strip():
+        found["trigger_word"] = header[MODELSPEC_TRIGGER].strip()
+    return found
 
 
 def trigger_of(header: dict[str, str]) -> str | None:
     """The trigger word a LoRA file's header records, ours or ModelSpec's; None when it records none."""
-    for key in (METADATA_PREFIX + "trigger_word", MODELSPEC_TRIGGER):
-        value = header.get(key, "").strip()
-        if value:
-            return value
-    return None
+    return provenance(header).get("trigger_word", "").strip() or None

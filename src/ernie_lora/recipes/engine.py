@@ -54,8 +54,9 @@ from ..lora.adapters import (
     resolve_targets,
     set_lora_state,
 )
-from ..lora.files import read_lora, save_lora
+from ..lora.files import read_lora, read_lora_shapes, save_lora
 from ..lora.formats import read_lora_file
+from ..lora.header import trigger_of
 from ..lora.tools import check_fits, fuse_into
 from ..models import ErnieImageFamily, parse_dtype
 from ..models.block_swap import BlockSwap, move_buffers
@@ -655,10 +656,22 @@ class Sampler:
 # -- 6. provenance ----------------------------------------------------------------------------------------
 
 
+def trigger_word(cfg: BaseModel) -> str | None:
+    """The word a run's LoRA answers to: the config's ``data.trigger_word``, else that of the LoRA it starts
+    from (``lora.init_from``), which the new LoRA inherits."""
+    trigger = getattr(cfg.data, "trigger_word", None)  # only the LoRA recipe's data section has the key
+    if not trigger and cfg.lora.init_from:
+        trigger = trigger_of(read_lora_shapes(cfg.lora.init_from)[1])
+    return trigger
+
+
 def lora_metadata(cfg: BaseModel, recipe: str, family: ErnieImageFamily, model: TrainedModel, steps: int,
                   **extra) -> dict:
-    """The provenance block of every LoRA file a recipe writes (``lora info`` shows it)."""
+    """The provenance block of every LoRA file a recipe writes (``lora info`` shows it), with its trigger word."""
     name, revision = cfg.model.name, cfg.model.revision
+    trigger = trigger_word(cfg)
+    if trigger:
+        extra["trigger_word"] = trigger
     return {
         "recipe": recipe,
         "base_model": name,

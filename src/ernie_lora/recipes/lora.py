@@ -168,8 +168,6 @@ class Watch:
         self.cfg, self.run, self.model, self.bar, self.stage = cfg, run, model, bar, stages[0]
         provenance = dataset_provenance(data.training)  # the images it trained on (validation held out)
         # what the LoRA file records, at the step it is written (the best, the last)
-        if cfg.data.trigger_word:
-            provenance["trigger_word"] = cfg.data.trigger_word  # generate and lora info read it back
         self.metadata = lambda step: engine.lora_metadata(cfg, "lora", family, model, step, **provenance)
         self.after: Path | None = None
         self.samples_dir = run.output / "samples"
@@ -309,7 +307,7 @@ class FlowMatchingStep:
 
 def sample_prompts(cfg: TrainRunConfig) -> list[str]:
     """The sample prompts as sampled: with the trigger word, like the captions trained on."""
-    return [with_trigger(prompt, cfg.data.trigger_word) for prompt in cfg.sample.prompts]
+    return [with_trigger(prompt, engine.trigger_word(cfg)) for prompt in cfg.sample.prompts]
 
 
 def prepare_data(cfg: TrainRunConfig, run: engine.Run, family: ErnieImageFamily, stages: list[Stage]) -> PreparedData:
@@ -325,7 +323,7 @@ def prepare_data(cfg: TrainRunConfig, run: engine.Run, family: ErnieImageFamily,
     report = check_dataset(cfg.data.path, min_side=min_side, near=None)  # warnings are for `dataset check`
     report.raise_if_errors()
     items, held_out = split_validation(cfg, report, min_side)
-    trigger = cfg.data.trigger_word
+    trigger = engine.trigger_word(cfg)
     if not trigger:
         unfilled = next((item for item in items + held_out if has_placeholder(item.caption)), None)
         if unfilled is not None:
@@ -333,7 +331,7 @@ def prepare_data(cfg: TrainRunConfig, run: engine.Run, family: ErnieImageFamily,
     elif run.is_main:
         unknown = token_counter(cfg.model.name, cfg.model.revision).unknown(trigger)
         if unknown:  # a word-level tokenizer (micro's) reads every word it lacks as one and the same token
-            print(f"warning: data.trigger_word {trigger!r}: {cfg.model.name}'s tokenizer does not know "
+            print(f"warning: trigger word {trigger!r}: {cfg.model.name}'s tokenizer does not know "
                   f"{', '.join(unknown)}, which it reads like any other unknown word; pick words it knows",
                   file=sys.stderr)
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(cfg.data.path) / CACHE_DIR_NAME
