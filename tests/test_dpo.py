@@ -216,3 +216,27 @@ def test_dpo_moves_the_model_toward_the_chosen_image_of_each_pair(poster_dataset
                     shift[role].append(float(gap.mean()))
     chosen, rejected = (sum(v) / len(v) for v in (shift["chosen"], shift["rejected"]))
     assert chosen < rejected, (chosen, rejected)
+
+
+def test_dpo_from_a_lora_with_a_trigger_fills_its_pairs_prompts_and_records_it(poster_dataset, tmp_path, monkeypatch):
+    from conftest import tiny_config
+    from ernie_lora.recipes import dpo
+    from ernie_lora.recipes.lora import train
+
+    train(tiny_config(poster_dataset, tmp_path / "cache", data={"trigger_word": "ohwx"}, train={"steps": 1}),
+          tmp_path / "sft", progress=False)
+    rows = [json.loads(line) for line in _pairs_file(poster_dataset, tmp_path).read_text().splitlines()]
+    rows[0]["prompt"] = "a [trigger] " + rows[0]["prompt"]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    encoded = []
+    build = dpo.build_caches
+    monkeypatch.setattr(dpo, "build_caches", lambda items, *a, **k: (encoded.extend(i.caption for i in items),
+                                                                      build(items, *a, **k))[1])
+    cfg = _cfg(pairs, tmp_path, steps=1)
+    cfg.lora.init_from = str(tmp_path / "sft" / "lora.safetensors")
+    run_dpo(cfg, tmp_path / "dpo", progress=False)
+    assert encoded.count("a ohwx " + rows[0]["prompt"][len("a [trigger] "):]) == 2  # chosen and rejected
+    assert not any("[trigger]" in caption for caption in encoded)
+    _, meta = read_lora(tmp_path / "dpo" / "lora.safetensors")
+    assert meta["modelspec.trigger_phrase"] == "ohwx"

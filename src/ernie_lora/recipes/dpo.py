@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from ..captions.trigger import fill_placeholder, has_placeholder
 from ..config import DpoRunConfig, SampleConfig
 from ..data.batches import BucketBatches
 from ..data.buckets import make_buckets
@@ -206,6 +207,11 @@ def prepare_pairs(cfg: DpoRunConfig, run: engine.Run, family: ErnieImageFamily
     buckets = make_buckets(cfg.data.resolution, step_px, cfg.data.max_aspect_ratio)
     pairs_file = Path(cfg.data.pairs)
     pairs = read_pairs(pairs_file)
+    trigger = engine.trigger_word(cfg)  # the lora.init_from LoRA's: [trigger] in a prompt is filled with it
+    if trigger:
+        pairs = [replace(pair, prompt=fill_placeholder(pair.prompt, trigger)) for pair in pairs]
+    elif any(has_placeholder(pair.prompt) for pair in pairs):
+        raise UserError(f"{pairs_file}: a prompt says [trigger] but no lora.init_from LoRA records a trigger word")
     chosen_items, rejected_items = pair_items(pairs)
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else pairs_file.parent / CACHE_DIR_NAME
     cached = build_caches(chosen_items + rejected_items, buckets, cache_dir, cfg.model.name, crop=cfg.data.crop,
