@@ -224,6 +224,8 @@ def test_the_whole_workflow_in_a_real_browser(tmp_path):
                                ("train.warmup_steps", "2")):
                 page.fill(f'[name="{key}"]', value)
                 page.press(f'[name="{key}"]', "Tab")
+            page.fill('[name="data.trigger_word"]', "purple")  # a word micro knows; the captions say it already
+            page.press('[name="data.trigger_word"]', "Tab")
             page.fill('[name="validation.scores"]', "[]")
             page.press('[name="validation.scores"]', "Tab")
             page.select_option('[name="checkpoint.best"]', "")
@@ -252,6 +254,7 @@ def test_the_whole_workflow_in_a_real_browser(tmp_path):
             page.click("#tab-loras")
             row = page.locator(".lora-row", has_text="purple / lora.safetensors")
             expect(row).to_contain_text("diffusers")
+            expect(row.locator(".trigger")).to_have_text("trigger word: purple (write it in a prompt, or [trigger])")
             with page.expect_download() as download:
                 row.locator("a.download", has_text="Download comfyui").click()
             saved = tmp_path / "downloaded.safetensors"

@@ -169,7 +169,7 @@ class Studio:
                     out.append({"run": run.name, "file": rel, "error": str(exc)})
                     continue
                 out.append({"run": run.name, "file": rel, "bytes": info.size_bytes, "layout": info.format,
-                            "modules": len(info.modules), "kinds": info.kinds,
+                            "modules": len(info.modules), "kinds": info.kinds, "trigger": info.trigger,
                             "ranks": {str(r): n for r, n in info.ranks.items()},
                             "provenance": {k: v[:300] for k, v in info.provenance.items() if k != "training_config"},
                             "loaders": [{"loader": view.loader, "loads": view.loads, "as_meant": same,
