@@ -72,3 +72,17 @@ def test_an_unreachable_hub_loads_cached_models_and_refuses_the_others_at_once(t
     assert all("someone/not-cached" in e and f"not in the Hugging Face cache and 127.0.0.1:{port} cannot be reached"
                in e for e in errors), errors
     assert lines[-1] == "connections: 1"  # the probe; no loader tried the hub (each try would retry for 23 s)
+
+
+def test_the_probe_is_kept_for_a_minute_then_asked_again(monkeypatch):
+    from ernie_lora import hub
+
+    answers, clock = iter(["huggingface.co:443 cannot be reached (down)", None]), [1000.0]
+    monkeypatch.setattr(hub, "_probe", lambda: next(answers))
+    monkeypatch.setattr(hub.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(hub, "_probed", [])
+    assert hub.unreachable_reason() == "huggingface.co:443 cannot be reached (down)"
+    clock[0] += hub.PROBE_KEPT_SECONDS - 1
+    assert hub.unreachable_reason() == "huggingface.co:443 cannot be reached (down)"  # not asked again
+    clock[0] += 2
+    assert hub.unreachable_reason() is None  # the network came back: a studio left running sees it

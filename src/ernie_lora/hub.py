@@ -10,16 +10,27 @@ from __future__ import annotations
 
 import os
 import socket
-from functools import lru_cache
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
 PROBE_SECONDS = 3.0
+PROBE_KEPT_SECONDS = 60.0
+_probed: list = []  # [when, reason] of the last probe
 
 
-@lru_cache(maxsize=1)
 def unreachable_reason() -> str | None:
-    """None when the hub (or the HTTPS proxy in front of it) accepts a connection; else why not, in words."""
+    """None when the hub (or the HTTPS proxy in front of it) accepts a connection; else why not, in words.
+    The answer is kept for a minute: a long-lived process (the studio) sees the network come and go."""
+    now = time.monotonic()
+    if _probed and now - _probed[0] < PROBE_KEPT_SECONDS:
+        return _probed[1]
+    reason = _probe()
+    _probed[:] = [now, reason]
+    return reason
+
+
+def _probe() -> str | None:
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
