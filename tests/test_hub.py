@@ -86,3 +86,25 @@ def test_the_probe_is_kept_for_a_minute_then_asked_again(monkeypatch):
     assert hub.unreachable_reason() == "huggingface.co:443 cannot be reached (down)"  # not asked again
     clock[0] += 2
     assert hub.unreachable_reason() is None  # the network came back: a studio left running sees it
+
+
+def test_the_probe_goes_through_the_proxy_unless_no_proxy_names_the_hub(monkeypatch):
+    from ernie_lora import hub
+
+    tried = []
+
+    def connect(address, timeout):
+        tried.append(address)
+        raise OSError(111, "Connection refused")
+
+    monkeypatch.setattr(hub.socket, "create_connection", connect)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", "https://huggingface.co")
+    monkeypatch.setenv("HTTPS_PROXY", "proxy.example:3128")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    assert hub._probe() == "proxy proxy.example:3128 cannot be reached (Connection refused)"
+    monkeypatch.setenv("NO_PROXY", "localhost, .huggingface.co")
+    assert hub._probe() == "huggingface.co:443 cannot be reached (Connection refused)"
+    assert tried == [("proxy.example", 3128), ("huggingface.co", 443)]

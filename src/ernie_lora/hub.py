@@ -36,6 +36,8 @@ def _probe() -> str | None:
     if constants.HF_HUB_OFFLINE:
         return "HF_HUB_OFFLINE is set"
     proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    if proxy and _bypasses_proxy(urlsplit(constants.ENDPOINT).hostname or ""):
+        proxy = None
     address = proxy or constants.ENDPOINT
     target = urlsplit(address if "://" in address else "http://" + address)  # a proxy may be given as host:port
     host = target.hostname or ""
@@ -45,6 +47,15 @@ def _probe() -> str | None:
             return None
     except OSError as exc:
         return f"{'proxy ' if proxy else ''}{host}:{port} cannot be reached ({exc.strerror or exc})"
+
+
+def _bypasses_proxy(host: str) -> bool:
+    """NO_PROXY as requests and httpx read it: ``*``, or the host or a domain it is in."""
+    entries = (os.environ.get("NO_PROXY") or os.environ.get("no_proxy") or "").split(",")
+    for entry in (e.strip().lstrip(".").lower() for e in entries):
+        if entry == "*" or (entry and (host == entry or host.endswith("." + entry))):
+            return True
+    return False
 
 
 class NotCached(OSError):
