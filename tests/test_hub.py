@@ -108,3 +108,26 @@ def test_the_probe_goes_through_the_proxy_unless_no_proxy_names_the_hub(monkeypa
     monkeypatch.setenv("NO_PROXY", "localhost, .huggingface.co")
     assert hub._probe() == "huggingface.co:443 cannot be reached (Connection refused)"
     assert tried == [("proxy.example", 3128), ("huggingface.co", 443)]
+
+
+def test_a_probe_that_hangs_answers_after_its_timeout(monkeypatch):
+    import threading
+
+    from ernie_lora import hub
+
+    released = threading.Event()
+
+    def stuck(address, timeout):  # a name lookup that does not answer
+        released.wait(60)
+        raise OSError("released by the test")
+
+    monkeypatch.setattr(hub.socket, "create_connection", stuck)
+    monkeypatch.setattr(hub, "PROBE_SECONDS", 0.2)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", "https://huggingface.co")
+    monkeypatch.delenv("HTTPS_PROXY", raising=False)
+    monkeypatch.delenv("https_proxy", raising=False)
+    try:
+        assert hub._probe() == "huggingface.co:443 cannot be reached (no answer in 0.2 s)"
+    finally:
+        released.set()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -42,11 +43,21 @@ def _probe() -> str | None:
     target = urlsplit(address if "://" in address else "http://" + address)  # a proxy may be given as host:port
     host = target.hostname or ""
     port = target.port or (443 if target.scheme == "https" else 80)
-    try:
-        with socket.create_connection((host, port), timeout=PROBE_SECONDS):
-            return None
-    except OSError as exc:
-        return f"{'proxy ' if proxy else ''}{host}:{port} cannot be reached ({exc.strerror or exc})"
+    where = f"{'proxy ' if proxy else ''}{host}:{port}"
+    answer: list[str | None] = []
+
+    def connect() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=PROBE_SECONDS):
+                answer.append(None)
+        except OSError as exc:
+            answer.append(f"{where} cannot be reached ({exc.strerror or exc})")
+
+    # in a thread: the name lookup before the connection has no timeout of its own
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(PROBE_SECONDS)
+    return answer[0] if answer else f"{where} cannot be reached (no answer in {PROBE_SECONDS:g} s)"
 
 
 def _bypasses_proxy(host: str) -> bool:
