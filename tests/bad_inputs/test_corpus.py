@@ -497,6 +497,12 @@ CASES: list[Case] = [
     Case("caption auto corrupt PNG", cmd_on({"a.png": truncated_png}, "caption", "auto", "{in}"), ["a.png"]),
     Case("caption auto captioning model not there", cmd_on(GOOD_IMAGES, "caption", "auto", "{in}", "--model",
                                                             "{tmp}/no-model"), ["--model", "no-model"]),
+    Case("aes train hf: encoder not cached, hub offline",
+         cmd_on({**GOOD_IMAGES, "aes.jsonl": '{"file_name": "a.png", "score": 5, "level": 5}\n'
+                                              '{"file_name": "b.png", "score": 3, "level": 3}\n'},
+                "aes", "train", "{in}", "--labels", "{in}/aes.jsonl", "--encoder", "hf:someone/not-cached", "-o",
+                "{tmp}/scorer.safetensors"),
+         ["encoder hf:someone/not-cached", "not in the Hugging Face cache"]),
     Case("caption auto captioning model not cached, hub offline", cmd_on(GOOD_IMAGES, "caption", "auto", "{in}",
                                                                          "--model", "someone/not-cached"),
          ["--model someone/not-cached", "not in the Hugging Face cache"]),
