@@ -85,6 +85,13 @@ def _source(name: str) -> str:
     return name
 
 
+def _opened(source: str, revision: str | None) -> tuple[str, str | None]:
+    """(what from_pretrained opens, the revision it asks for): a hub id at its revision, or, while the hub is out
+    of reach, the cached snapshot of that revision (a folder: no revision left to ask for)."""
+    opened = hub.local_source(source, revision)
+    return opened, (revision if opened == source else None)
+
+
 def _missing_weights_error(name: str, cause: Exception) -> UserError:
     why = str(cause) if isinstance(cause, hub.NotCached) else (
         f"weights not found locally and could not be downloaded ({type(cause).__name__})")
@@ -128,8 +135,8 @@ def load_pipeline(
     skip = {comp: None for comp in COMPONENTS if comp not in wanted}
     source = _source(name)
     try:
-        pipe = ErnieImagePipeline.from_pretrained(hub.local_source(source, revision), dtype=torch_dtype,
-                                                  revision=revision, **skip)
+        opened, revision = _opened(source, revision)
+        pipe = ErnieImagePipeline.from_pretrained(opened, revision=revision, dtype=torch_dtype, **skip)
     except (OSError, ValueError) as exc:
         if _is_local(name):
             raise UserError(f"model folder {source}: not a diffusers ERNIE-Image folder ({exc})") from None
@@ -175,9 +182,9 @@ def load_transformer(
         return load_pipeline(name, dtype=torch_dtype, device=device, components=("transformer",)).transformer
     source = _source(name)
     try:
-        model = ErnieImageTransformer2DModel.from_pretrained(
-            hub.local_source(source, revision), subfolder="transformer", dtype=torch_dtype, revision=revision
-        )
+        opened, revision = _opened(source, revision)
+        model = ErnieImageTransformer2DModel.from_pretrained(opened, revision=revision, subfolder="transformer",
+                                                             dtype=torch_dtype)
     except (OSError, ValueError) as exc:
         if _is_local(name):
             raise UserError(f"model folder {source}: no transformer/ inside ({exc})") from None
