@@ -637,7 +637,8 @@ def pretrain_micro_cmd(
 
 @app.command()
 def generate(
-    prompts: list[str] = typer.Argument(None, help="prompts, one image each"),
+    prompts: list[str] = typer.Argument(None, help="prompts, one image each; [trigger] is filled with the LoRAs' "
+                                                   "trigger words"),
     prompts_file: Path | None = typer.Option(None, "--prompts-file", help="a text file, one prompt per line"),
     model: str | None = typer.Option(None, "--model", "-m", help="hub id, local folder or 'tiny'"),
     lora: list[str] = typer.Option([], "--lora", help="PATH[:STRENGTH], repeatable"),
