@@ -119,6 +119,7 @@ def test_training_with_a_trigger_word_says_it_in_every_style_sample_and_file(pos
     placeholder = next(s for s in result.cache.samples if "[trigger]" in s.caption)
     assert placeholder.caption.startswith("a [trigger] ")  # filled where it stood, not put first
     assert set(result.cache.prompt_texts) == {'ohwx poster, title "SALE"', "a ohwx poster with a red band"}
+    assert "Trigger word: `ohwx poster`." in (tmp_path / "run" / "report.md").read_text()
     header = read_lora_shapes(tmp_path / "run" / "lora.safetensors")[1]
     assert header["ernie_lora.trigger_word"] == header["modelspec.trigger_phrase"] == "ohwx poster"
     code, out, err = run_cli(["lora", "info", str(tmp_path / "run" / "lora.safetensors")], capsys)

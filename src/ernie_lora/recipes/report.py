@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from ..config import dump_config
 from ..io import atomic_write, atomic_write_text
 from ..plots import image_grid, panels_image, save_image_grid
-from .engine import Sampler
+from .engine import Sampler, trigger_word
 
 
 @dataclass
@@ -107,6 +107,9 @@ def write_run_report(output: Path, cfg: BaseModel, *, title: str, started: float
     lines = [f"# {title}", "", f"{steps} steps in {minutes:.1f} min; peak memory {peak_memory()}.", "",
              "![curves, validation and before/after](report.png)", ""]
     lines += notes or []
+    trigger = trigger_word(cfg)
+    if trigger:
+        lines += [f"Trigger word: `{trigger}`. Write it in prompts, or `[trigger]`, which `generate` fills.", ""]
     if history:
         tail = history[-max(1, len(history) // 10):]
         lines += ["Last 10 % of steps, means:", "", "| metric | value |", "|---|---|"]
