@@ -104,20 +104,20 @@ def test_training_with_a_trigger_word_says_it_in_every_style_sample_and_file(pos
     from ernie_lora.captions.trigger import with_trigger
     from ernie_lora.lora.files import read_lora_shapes
 
-    first = sorted(poster_dataset.glob("*.txt"))[0]
-    first.write_text("a [trigger] " + first.read_text())
     cfg = tiny_config(poster_dataset, tmp_path / "cache", data={"caption_styles": list(STYLES), "caption_dropout": 0,
                                                                 "trigger_word": "ohwx poster"},
                       sample={"every": 0, "prompts": ['title "SALE"', "a [trigger] with a red band"]})
     result = train(cfg, tmp_path / "run", progress=False)
     pipe = build_tiny_pipeline(0)
-    for sample in result.cache.samples:
+
+    def encoded(text: str) -> torch.Tensor:
+        return pipe.encode_prompt(text, device="cpu")[0]
+
+    for sample in result.cache.samples:  # no caption says [trigger]: every one gets the word first
         for style, path in zip(STYLES, sample.texts, strict=True):
-            worded = with_trigger(restyle(sample.caption.replace("[trigger]", "ohwx poster"), style), "ohwx poster")
-            assert worded.count("ohwx poster") == 1
-            assert torch.equal(load_embedding(path).float(), pipe.encode_prompt(worded, device="cpu")[0])
-    placeholder = next(s for s in result.cache.samples if "[trigger]" in s.caption)
-    assert placeholder.caption.startswith("a [trigger] ")  # filled where it stood, not put first
+            worded = with_trigger(restyle(sample.caption, style), "ohwx poster")
+            assert worded.startswith("ohwx poster, ")
+            assert torch.equal(load_embedding(path).float(), encoded(worded))
     assert set(result.cache.prompt_texts) == {'ohwx poster, title "SALE"', "a ohwx poster with a red band"}
     assert "Trigger word: `ohwx poster`." in (tmp_path / "run" / "report.md").read_text()
     header = read_lora_shapes(tmp_path / "run" / "lora.safetensors")[1]
@@ -128,11 +128,18 @@ def test_training_with_a_trigger_word_says_it_in_every_style_sample_and_file(pos
                               str(tmp_path / "comfy.safetensors"), "-f", "comfy"], capsys)
     assert code == 0, err  # a converted file keeps the trigger where ComfyUI users' tools look for it
     assert read_lora_shapes(tmp_path / "comfy.safetensors")[1]["modelspec.trigger_phrase"] == "ohwx poster"
-    # a LoRA started from it answers to the same word, and says so
-    again = tiny_config(poster_dataset, tmp_path / "cache", train={"steps": 1},
+    # a LoRA started from it answers to the same word, and says so. Once a caption says [trigger], the
+    # placeholders alone place the word: the other captions (regularisation images) go without it
+    first = sorted(poster_dataset.glob("*.txt"))[0]
+    first.write_text("a [trigger] " + first.read_text())
+    again = tiny_config(poster_dataset, tmp_path / "cache", train={"steps": 1}, data={"caption_dropout": 0},
                         lora={"init_from": str(tmp_path / "run" / "lora.safetensors")})
-    train(again, tmp_path / "continued", progress=False)
+    continued = train(again, tmp_path / "continued", progress=False)
     assert read_lora_shapes(tmp_path / "continued" / "lora.safetensors")[1]["modelspec.trigger_phrase"] == "ohwx poster"
+    for sample in continued.cache.samples:
+        said = sample.caption.replace("[trigger]", "ohwx poster")
+        assert torch.equal(load_embedding(sample.texts[0]).float(), encoded(said))
+    assert sum("[trigger]" in s.caption for s in continued.cache.samples) == 1
     # generate fills [trigger] from the LoRA and says when a prompt leaves the trigger out
     lora = f"{tmp_path / 'run' / 'lora.safetensors'}:1.0"
     code, out, err = run_cli(["generate", "a [trigger], blue theme", "a plain poster", "-m", "tiny", "--lora", lora,

@@ -82,6 +82,7 @@ class PreparedData:
     cached: CachedDataset  # the shared embeddings ("" and sample prompts)
     stages: list[list[CachedSample]]  # the training images, bucketed at each stage's resolution
     validation: list[CachedSample]  # data.validation, at the largest resolution
+    sample_prompts: list[str]  # as sampled: with the trigger word where the captions have it
 
 
 def train(cfg: TrainRunConfig, output: str | Path, *, resume: bool = False, overwrite: bool = False,
@@ -176,7 +177,7 @@ class Watch:
         self.sampler = None
         if cfg.sample.prompts and active:
             self.sampler = engine.Sampler(family, cfg.model, cfg.sample,
-                                          [load_embedding(data.cached.prompt_texts[p]) for p in sample_prompts(cfg)],
+                                          [load_embedding(data.cached.prompt_texts[p]) for p in data.sample_prompts],
                                           empty, model.transformer, run.device, cfg.data.resolution)
         self.validation = None
         if data.validation and active:
@@ -305,11 +306,6 @@ class FlowMatchingStep:
         return {"loss": logged.item() / n}
 
 
-def sample_prompts(cfg: TrainRunConfig) -> list[str]:
-    """The sample prompts as sampled: with the trigger word, like the captions trained on."""
-    return [with_trigger(prompt, engine.trigger_word(cfg)) for prompt in cfg.sample.prompts]
-
-
 def prepare_data(cfg: TrainRunConfig, run: engine.Run, family: ErnieImageFamily, stages: list[Stage]) -> PreparedData:
     """Check the dataset, hold out the validation set, bucket the images at every stage's resolution and cache
     their latents and embeddings in one pass (split over the processes)."""
@@ -324,11 +320,11 @@ def prepare_data(cfg: TrainRunConfig, run: engine.Run, family: ErnieImageFamily,
     report.raise_if_errors()
     items, held_out = split_validation(cfg, report, min_side)
     trigger = engine.trigger_word(cfg)
-    if not trigger:
-        unfilled = next((item for item in items + held_out if has_placeholder(item.caption)), None)
-        if unfilled is not None:
-            raise UserError(f"{unfilled.image}: its caption says [trigger] but data.trigger_word is not set")
-    elif run.is_main:
+    placed = next((item for item in items + held_out if has_placeholder(item.caption)), None)
+    put_first = placed is None  # captions that say [trigger] place it; the others then go without it
+    if not trigger and placed is not None:
+        raise UserError(f"{placed.image}: its caption says [trigger] but data.trigger_word is not set")
+    if trigger and run.is_main:
         unknown = token_counter(cfg.model.name, cfg.model.revision).unknown(trigger)
         if unknown:  # a word-level tokenizer (micro's) reads every word it lacks as one and the same token
             print(f"warning: trigger word {trigger!r}: {cfg.model.name}'s tokenizer does not know "
@@ -341,13 +337,15 @@ def prepare_data(cfg: TrainRunConfig, run: engine.Run, family: ErnieImageFamily,
     def wordings(caption: str) -> list[str]:
         """The caption in each style, with the trigger where [trigger] stood or, added after restyling, first."""
         text = fill_placeholder(caption, trigger) if trigger else caption
-        return [with_trigger(restyle(text, style), trigger) for style in styles]
+        return [with_trigger(restyle(text, style), trigger, put_first) for style in styles]
+
+    prompts = [with_trigger(prompt, trigger, put_first) for prompt in cfg.sample.prompts]
 
     # each process encodes its share of what is missing; all then read the same shards
     cached, samples = build_cache_groups(
-        groups, cache_dir, cfg.model.name, crop=cfg.data.crop, prompts=sample_prompts(cfg),
+        groups, cache_dir, cfg.model.name, crop=cfg.data.crop, prompts=prompts,
         vae_dtype=cfg.model.vae_dtype, text_dtype=cfg.model.dtype, device=run.device, revision=cfg.model.revision,
         wordings=wordings, rank=run.rank, world=run.world, barrier=run.wait,
     )
     cached.samples = samples[-2]  # the last stage's: what TrainResult.cache has always held
-    return PreparedData(report, items, cached, samples[:-1], samples[-1])
+    return PreparedData(report, items, cached, samples[:-1], samples[-1], prompts)
