@@ -290,6 +290,8 @@ CASES: list[Case] = [
     Case("config unknown tracker", train_set("logging.trackers=[mlflow]"), ["logging.trackers"]),
     Case("--set without =", train_set("train.lr"), ["--set 'train.lr': expected key.sub=value"]),
     Case("trigger word with a comma", train_set("data.trigger_word=ohwx, poster"), ["data.trigger_word"]),
+    Case("sample prompt says [trigger] without a trigger word", train_set("sample.prompts=['a [trigger] poster']"),
+         ["sample.prompts", "[trigger]", "data.trigger_word is not set"]),
     Case("caption says [trigger] without a trigger word",
          lambda t: (train(t), (t / "data" / "poster_00000.txt").write_text("a [trigger] poster\n"))[0],
          ["poster_00000.png", "[trigger]", "data.trigger_word is not set"]),

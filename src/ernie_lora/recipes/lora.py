@@ -324,6 +324,8 @@ def prepare_data(cfg: TrainRunConfig, run: engine.Run, family: ErnieImageFamily,
     put_first = placed is None  # captions that say [trigger] place it; the others then go without it
     if not trigger and placed is not None:
         raise UserError(f"{placed.image}: its caption says [trigger] but data.trigger_word is not set")
+    if not trigger and any(has_placeholder(prompt) for prompt in cfg.sample.prompts):
+        raise UserError("sample.prompts: a prompt says [trigger] but data.trigger_word is not set")
     if trigger and run.is_main:
         unknown = token_counter(cfg.model.name, cfg.model.revision).unknown(trigger)
         if unknown:  # a word-level tokenizer (micro's) reads every word it lacks as one and the same token
@@ -335,7 +337,8 @@ def prepare_data(cfg: TrainRunConfig, run: engine.Run, family: ErnieImageFamily,
     groups = [(items, buckets[s.resolution]) for s in stages] + [(held_out, buckets[largest])]
 
     def wordings(caption: str) -> list[str]:
-        """The caption in each style, with the trigger where [trigger] stood or, added after restyling, first."""
+        """The caption in each style, with the trigger where [trigger] stood, or put first after restyling (unless
+        some captions place it themselves)."""
         text = fill_placeholder(caption, trigger) if trigger else caption
         return [with_trigger(restyle(text, style), trigger, put_first) for style in styles]
 
